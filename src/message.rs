@@ -1,0 +1,794 @@
+//! The message model and its two encodings: the AMQP wire format and the record-file format.
+//!
+//! Both must match fedora-messaging byte for byte, because fm shares a bus (and record files)
+//! with it: a message fm publishes has to load in a Python consumer, and a line `fm record`
+//! writes has to equal the line `fedora-messaging record` writes for the same message.
+//!
+//! - On the wire (`fedora_messaging/message.py`, `Message._build_properties`): properties
+//!   `content_type=application/json`, `content_encoding=utf-8`, `delivery_mode=2`, a UUID4
+//!   `message_id`; headers `fedora_messaging_schema`, `sent-at`, `fedora_messaging_severity`,
+//!   `priority`; the body is `json.dumps(body)` (ASCII-only, Python's separators).
+//! - In files: one `json.dumps(m, ensure_ascii=False, sort_keys=True)` object per line with the
+//!   keys `body, headers, id, priority, queue, topic`.
+//!
+//! Python's `json.dumps` differs from serde_json's output (`", "` and `": "` separators, ASCII
+//! escapes, float spelling), so [`to_py_json`] writes JSON the way Python does.
+
+use std::fmt::Write as _;
+
+use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, message::Delivery};
+use serde_json::{Map, Number, Value};
+
+/// Header naming the message's schema (fedora-messaging's entry-point name).
+pub const SCHEMA_HEADER: &str = "fedora_messaging_schema";
+/// Header naming the Python package that provides the schema.
+pub const SCHEMA_PACKAGE_HEADER: &str = "fedora_messaging_schema_package";
+/// Header holding the message's severity (10, 20, 30 or 40).
+pub const SEVERITY_HEADER: &str = "fedora_messaging_severity";
+/// Header holding the UTC time the message was sent, ISO-8601 without microseconds.
+pub const SENT_AT_HEADER: &str = "sent-at";
+/// Header mirroring the message priority, for debugging (fedora-messaging sets it always).
+pub const PRIORITY_HEADER: &str = "priority";
+/// The schema of fedora-messaging's base `Message` class.
+pub const BASE_SCHEMA: &str = "base.message";
+
+/// Severity levels (fedora-messaging's `DEBUG`, `INFO`, `WARNING`, `ERROR`).
+pub const DEBUG: i64 = 10;
+/// The default severity.
+pub const INFO: i64 = 20;
+/// A problem users should know about.
+pub const WARNING: i64 = 30;
+/// A critically important message.
+pub const ERROR: i64 = 40;
+/// Every valid severity.
+pub const SEVERITIES: [i64; 4] = [DEBUG, INFO, WARNING, ERROR];
+
+/// A fedora-messaging message: what a callback sees, what `record` writes and `publish` sends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Message {
+    /// The topic: the routing key it arrived with (no prefix stripping), or the topic to publish.
+    pub topic: String,
+    /// The AMQP `message_id` (a UUID4 for well-behaved publishers); `None` when absent.
+    pub id: Option<String>,
+    /// The AMQP headers, as JSON.
+    pub headers: Map<String, Value>,
+    /// The body: a JSON object once validated.
+    pub body: Value,
+    /// The queue it was consumed from; `None` for messages that were not consumed.
+    pub queue: Option<String>,
+    /// The AMQP priority; `None` when not set (fedora-messaging reports that as 0).
+    pub priority: Option<i64>,
+}
+
+impl Message {
+    /// The severity: the `fedora_messaging_severity` header, or INFO when it is missing.
+    pub fn severity(&self) -> i64 {
+        self.headers
+            .get(SEVERITY_HEADER)
+            .and_then(json_integer)
+            .unwrap_or(INFO)
+    }
+
+    /// The message as one record-file line (no trailing newline), exactly as
+    /// fedora-messaging's `dumps` writes it.
+    pub fn record_line(&self) -> String {
+        // Built as a JSON object and written with sorted keys, like Python's sort_keys=True.
+        let mut m = Map::new();
+        m.insert("body".into(), self.body.clone());
+        m.insert("headers".into(), Value::Object(self.headers.clone()));
+        m.insert("id".into(), self.id.clone().map_or(Value::Null, Value::from));
+        m.insert("priority".into(), Value::from(self.priority.unwrap_or(0)));
+        m.insert(
+            "queue".into(),
+            self.queue.clone().map_or(Value::Null, Value::from),
+        );
+        m.insert("topic".into(), Value::from(self.topic.clone()));
+        to_py_json(&Value::Object(m), true, false)
+    }
+
+    /// Check the headers and body against fedora-messaging's base schemas: the body is a JSON
+    /// object; severity is one of 10/20/30/40; schema, schema package and sent-at are strings.
+    pub fn validate(&self) -> Result<(), String> {
+        if !self.body.is_object() {
+            return Err(format!(
+                "the body must be a JSON object, not {}",
+                json_type_name(&self.body)
+            ));
+        }
+        validate_headers(&self.headers)
+    }
+
+    /// Rebuild a message from one record-file object, as fedora-messaging's `load_message`:
+    /// only `topic` and `body` are required; `id`, `headers` (with `sent-at`), `queue` and
+    /// `priority` are kept when present. The headers fm adds on publish are filled in by
+    /// [`Message::prepare_for_publish`].
+    pub fn from_record(value: Value) -> Result<Message, String> {
+        let Value::Object(mut obj) = value else {
+            return Err(format!(
+                "a message must be a JSON object, not {}",
+                json_type_name(&value)
+            ));
+        };
+        let topic = match obj.remove("topic") {
+            Some(Value::String(t)) => t,
+            Some(other) => {
+                return Err(format!(
+                    "'topic' must be a string, not {}",
+                    json_type_name(&other)
+                ));
+            }
+            None => return Err("'topic' is a required property".into()),
+        };
+        let body = obj
+            .remove("body")
+            .ok_or_else(|| "'body' is a required property".to_string())?;
+        let headers = match obj.remove("headers") {
+            None | Some(Value::Null) => Map::new(),
+            Some(Value::Object(h)) => h,
+            Some(other) => {
+                return Err(format!(
+                    "'headers' must be an object, not {}",
+                    json_type_name(&other)
+                ));
+            }
+        };
+        let id = match obj.remove("id") {
+            None => None,
+            Some(Value::String(id)) => Some(id),
+            Some(other) => {
+                return Err(format!(
+                    "'id' must be a string, not {}",
+                    json_type_name(&other)
+                ));
+            }
+        };
+        let queue = match obj.remove("queue") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(q)) => Some(q),
+            Some(other) => {
+                return Err(format!(
+                    "'queue' must be a string or null, not {}",
+                    json_type_name(&other)
+                ));
+            }
+        };
+        let priority = match obj.remove("priority") {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(
+                json_integer(&v)
+                    .filter(|p| (0..=255).contains(p))
+                    .ok_or_else(|| format!("'priority' must be an integer from 0 to 255, not {v}"))?,
+            ),
+        };
+        let message = Message {
+            topic,
+            id,
+            headers,
+            body,
+            queue,
+            priority,
+        };
+        message.validate()?;
+        Ok(message)
+    }
+
+    /// A new message to publish, with the headers fedora-messaging's `Message` builds.
+    pub fn new_outgoing(
+        topic: String,
+        body: Value,
+        mut headers: Map<String, Value>,
+        schema: &str,
+        severity: i64,
+        priority: Option<i64>,
+    ) -> Message {
+        headers.insert(SCHEMA_HEADER.into(), Value::from(schema));
+        headers.insert(SENT_AT_HEADER.into(), Value::from(utc_now_iso8601()));
+        headers.insert(SEVERITY_HEADER.into(), Value::from(severity));
+        headers.insert(PRIORITY_HEADER.into(), Value::from(priority.unwrap_or(0)));
+        Message {
+            topic,
+            id: Some(new_message_id()),
+            headers,
+            body,
+            queue: None,
+            priority,
+        }
+    }
+
+    /// Fill in what a message loaded from a record file lacks before it is published, as
+    /// fedora-messaging's `load_message` + `publish` do: a schema header (`base.message` when
+    /// absent; fm keeps a present one, having no schema registry to regenerate it from), a
+    /// `sent-at` (kept when present), the severity (INFO when absent), the `priority` mirror,
+    /// and a new UUID4 id when it has none.
+    pub fn prepare_for_publish(&mut self) {
+        self.headers
+            .entry(SCHEMA_HEADER)
+            .or_insert_with(|| Value::from(BASE_SCHEMA));
+        self.headers
+            .entry(SENT_AT_HEADER)
+            .or_insert_with(|| Value::from(utc_now_iso8601()));
+        let severity = self.severity();
+        self.headers
+            .insert(SEVERITY_HEADER.into(), Value::from(severity));
+        // load_message sets `message.priority = dict.get("priority")`, which stores 0 for None
+        // in both the property and the header.
+        let priority = self.priority.unwrap_or(0);
+        self.priority = Some(priority);
+        self.headers
+            .insert(PRIORITY_HEADER.into(), Value::from(priority));
+        if self.id.is_none() {
+            self.id = Some(new_message_id());
+        }
+    }
+
+    /// The routing key to publish with: `topic_prefix.rstrip(".") + "." + topic` when a prefix
+    /// is set, else the topic.
+    pub fn routing_key(&self, topic_prefix: &str) -> String {
+        if topic_prefix.is_empty() {
+            self.topic.clone()
+        } else {
+            format!("{}.{}", topic_prefix.trim_end_matches('.'), self.topic)
+        }
+    }
+
+    /// The encoded body: Python's `json.dumps(body).encode("utf-8")`.
+    pub fn encoded_body(&self) -> Vec<u8> {
+        to_py_json(&self.body, false, true).into_bytes()
+    }
+
+    /// The AMQP properties fedora-messaging publishes with.
+    pub fn amqp_properties(&self) -> Result<BasicProperties, String> {
+        let mut props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_delivery_mode(2)
+            .with_headers(json_to_field_table(&self.headers)?);
+        if let Some(id) = &self.id {
+            props = props.with_message_id(
+                ShortString::try_new(id.as_str())
+                    .map_err(|_| format!("message id is longer than 255 bytes: {id:.40}…"))?,
+            );
+        }
+        if let Some(p) = self.priority {
+            props = props.with_priority(
+                u8::try_from(p).map_err(|_| format!("priority {p} is not between 0 and 255"))?,
+            );
+        }
+        Ok(props)
+    }
+}
+
+/// A message as it was delivered from a queue, with the delivery's context.
+#[derive(Debug, Clone)]
+pub struct Received {
+    /// The message.
+    pub message: Message,
+    /// The exchange it was published to ("" for the default exchange).
+    pub exchange: String,
+    /// Whether the broker has delivered it before.
+    pub redelivered: bool,
+    /// The body bytes as received.
+    pub raw_body: Vec<u8>,
+    /// The message as a record-file line (no newline): what plugins, commands and workers get.
+    pub record: String,
+}
+
+impl Received {
+    /// Decode a delivery from `queue` the way fedora-messaging's `get_message` does. Missing
+    /// headers, schema, severity or content encoding are logged and defaulted; a body that is
+    /// not UTF-8, not JSON, or not a JSON object, or headers that fail the base schema, make
+    /// the message invalid: the caller drops it (`nack` without requeue).
+    pub fn from_delivery(delivery: &Delivery, queue: &str) -> Result<Received, Invalid> {
+        let props = &delivery.properties;
+        let id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
+        let topic = delivery.routing_key.as_str();
+        let invalid = |reason: String| Invalid {
+            id: id.clone(),
+            topic: topic.to_owned(),
+            reason,
+        };
+        let shown_id = id.as_deref().unwrap_or("<none>");
+        let headers = match props.headers() {
+            Some(table) => field_table_to_json(table),
+            None => {
+                tracing::warn!(
+                    message_id = shown_id,
+                    topic,
+                    "message arrived without headers: a publisher is misbehaving"
+                );
+                Map::new()
+            }
+        };
+        if !headers.contains_key(SCHEMA_HEADER) {
+            tracing::warn!(
+                message_id = shown_id,
+                topic,
+                "message arrived without a schema header: a publisher is misbehaving"
+            );
+        }
+        if !headers.contains_key(SEVERITY_HEADER) {
+            tracing::warn!(
+                message_id = shown_id,
+                topic,
+                "message arrived without a severity: a publisher is misbehaving; defaulting to INFO"
+            );
+        }
+        match props.content_encoding().as_ref().map(|e| e.as_str()) {
+            None => tracing::warn!(
+                message_id = shown_id,
+                topic,
+                "message arrived without a content encoding; assuming utf-8"
+            ),
+            Some(enc) if is_utf8_name(enc) => {}
+            Some(enc) => {
+                return Err(invalid(format!(
+                    "unsupported content encoding {enc:?} (fm decodes utf-8 only)"
+                )));
+            }
+        }
+        let text = std::str::from_utf8(&delivery.data)
+            .map_err(|e| invalid(format!("the body is not valid UTF-8: {e}")))?;
+        let body: Value = serde_json::from_str(text)
+            .map_err(|e| invalid(format!("the body is not valid JSON: {e}")))?;
+        let message = Message {
+            topic: topic.to_owned(),
+            id: id.clone(),
+            headers,
+            body,
+            queue: Some(queue.to_owned()),
+            priority: Some(props.priority().map_or(0, i64::from)),
+        };
+        message.validate().map_err(invalid)?;
+        let record = message.record_line();
+        Ok(Received {
+            message,
+            exchange: delivery.exchange.as_str().to_owned(),
+            redelivered: delivery.redelivered,
+            raw_body: delivery.data.clone(),
+            record,
+        })
+    }
+
+    /// The message id for logs: the id, or `<none>`.
+    pub fn id_for_log(&self) -> &str {
+        self.message.id.as_deref().unwrap_or("<none>")
+    }
+}
+
+/// Why a delivered message was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("message {} on topic {topic:?} is invalid: {reason}", .id.as_deref().unwrap_or("<none>"))]
+pub struct Invalid {
+    /// The message id, if the message had one.
+    pub id: Option<String>,
+    /// The routing key.
+    pub topic: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+fn is_utf8_name(enc: &str) -> bool {
+    matches!(
+        enc.to_ascii_lowercase().replace('_', "-").as_str(),
+        "utf-8" | "utf8" | "u8" | "utf"
+    )
+}
+
+fn validate_headers(headers: &Map<String, Value>) -> Result<(), String> {
+    if let Some(sev) = headers.get(SEVERITY_HEADER) {
+        let ok = sev
+            .as_f64()
+            .is_some_and(|f| SEVERITIES.iter().any(|&s| s as f64 == f));
+        if !ok {
+            return Err(format!(
+                "header '{SEVERITY_HEADER}' must be one of 10, 20, 30, 40, not {sev}"
+            ));
+        }
+    }
+    for key in [SCHEMA_HEADER, SCHEMA_PACKAGE_HEADER, SENT_AT_HEADER] {
+        if let Some(v) = headers.get(key)
+            && !v.is_string()
+        {
+            return Err(format!(
+                "header '{key}' must be a string, not {}",
+                json_type_name(v)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// An integer JSON value (also `20.0`, which Python's schema accepts as 20).
+fn json_integer(v: &Value) -> Option<i64> {
+    v.as_i64().or_else(|| {
+        v.as_f64()
+            .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+            .map(|f| f as i64)
+    })
+}
+
+/// The JSON-schema name of a value's type, for error messages.
+pub fn json_type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// A new message id: a random UUID4, as fedora-messaging's wire format requires.
+pub fn new_message_id() -> String {
+    uuid::Uuid::new_v4().to_string()
+}
+
+/// The current UTC time as fedora-messaging writes `sent-at`: `2019-07-30T19:12:22+00:00`.
+pub fn utc_now_iso8601() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    format_utc(secs)
+}
+
+/// Format seconds since the Unix epoch as ISO-8601 UTC with a `+00:00` offset.
+fn format_utc(secs: u64) -> String {
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Civil-from-days (Howard Hinnant's algorithm), valid for the proleptic Gregorian calendar.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}+00:00",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60
+    )
+}
+
+/// AMQP headers as JSON, decoded as pika decodes them (strings as text, timestamps as
+/// seconds, decimals as numbers, byte arrays as text).
+pub fn field_table_to_json(table: &FieldTable) -> Map<String, Value> {
+    table
+        .inner()
+        .iter()
+        .map(|(k, v)| (k.as_str().to_owned(), amqp_to_json(v)))
+        .collect()
+}
+
+fn amqp_to_json(v: &AMQPValue) -> Value {
+    match v {
+        AMQPValue::Boolean(b) => Value::Bool(*b),
+        AMQPValue::ShortShortInt(i) => Value::from(*i),
+        AMQPValue::ShortShortUInt(i) => Value::from(*i),
+        AMQPValue::ShortInt(i) => Value::from(*i),
+        AMQPValue::ShortUInt(i) => Value::from(*i),
+        AMQPValue::LongInt(i) => Value::from(*i),
+        AMQPValue::LongUInt(i) => Value::from(*i),
+        AMQPValue::LongLongInt(i) => Value::from(*i),
+        AMQPValue::Float(f) => float_value(f64::from(*f)),
+        AMQPValue::Double(f) => float_value(*f),
+        AMQPValue::DecimalValue(d) => {
+            float_value(f64::from(d.value) / 10f64.powi(i32::from(d.scale)))
+        }
+        AMQPValue::ShortString(s) => Value::from(s.as_str()),
+        AMQPValue::LongString(s) => Value::from(String::from_utf8_lossy(s.as_bytes())),
+        AMQPValue::ByteArray(b) => Value::from(String::from_utf8_lossy(b.as_slice())),
+        AMQPValue::FieldArray(a) => Value::Array(a.as_slice().iter().map(amqp_to_json).collect()),
+        AMQPValue::Timestamp(t) => Value::from(*t),
+        AMQPValue::FieldTable(t) => Value::Object(field_table_to_json(t)),
+        AMQPValue::Void => Value::Null,
+    }
+}
+
+fn float_value(f: f64) -> Value {
+    Number::from_f64(f).map_or(Value::Null, Value::Number)
+}
+
+/// JSON headers as an AMQP field table, encoded as pika encodes Python values: booleans as
+/// `t`, integers as 32-bit `I` when they fit and 64-bit `l` otherwise, floats as `d`, strings
+/// as long strings, objects as tables, arrays as arrays, null as void.
+pub fn json_to_field_table(headers: &Map<String, Value>) -> Result<FieldTable, String> {
+    let mut table = FieldTable::default();
+    for (k, v) in headers {
+        let key = ShortString::try_new(k.as_str())
+            .map_err(|_| format!("header name is longer than 255 bytes: {k:.40}…"))?;
+        table.insert(key, json_to_amqp(v)?);
+    }
+    Ok(table)
+}
+
+fn json_to_amqp(v: &Value) -> Result<AMQPValue, String> {
+    Ok(match v {
+        Value::Null => AMQPValue::Void,
+        Value::Bool(b) => AMQPValue::Boolean(*b),
+        Value::Number(n) => {
+            if let Some(i) = n.as_i64() {
+                match i32::try_from(i) {
+                    Ok(small) => AMQPValue::LongInt(small),
+                    Err(_) => AMQPValue::LongLongInt(i),
+                }
+            } else if let Some(u) = n.as_u64() {
+                return Err(format!("header value {u} does not fit a signed 64-bit integer"));
+            } else {
+                AMQPValue::Double(n.as_f64().unwrap_or(f64::NAN))
+            }
+        }
+        Value::String(s) => AMQPValue::LongString(LongString::from(s.as_str())),
+        Value::Array(a) => AMQPValue::FieldArray(FieldArray::from(
+            a.iter().map(json_to_amqp).collect::<Result<Vec<_>, _>>()?,
+        )),
+        Value::Object(o) => AMQPValue::FieldTable(json_to_field_table(o)?),
+    })
+}
+
+/// Serialise JSON exactly as Python's `json.dumps(value, sort_keys=…, ensure_ascii=…)` does
+/// with its default separators (`", "` and `": "`).
+pub fn to_py_json(value: &Value, sort_keys: bool, ensure_ascii: bool) -> String {
+    let mut out = String::with_capacity(256);
+    write_py_json(&mut out, value, sort_keys, ensure_ascii);
+    out
+}
+
+fn write_py_json(out: &mut String, value: &Value, sort_keys: bool, ensure_ascii: bool) {
+    match value {
+        Value::Null => out.push_str("null"),
+        Value::Bool(true) => out.push_str("true"),
+        Value::Bool(false) => out.push_str("false"),
+        Value::Number(n) => write_py_number(out, n),
+        Value::String(s) => write_py_string(out, s, ensure_ascii),
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_py_json(out, item, sort_keys, ensure_ascii);
+            }
+            out.push(']');
+        }
+        Value::Object(map) => {
+            out.push('{');
+            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
+            if sort_keys {
+                // Python sorts str keys by code point; Rust's str order is the same (UTF-8
+                // byte order preserves code-point order).
+                entries.sort_by(|a, b| a.0.cmp(b.0));
+            }
+            for (i, (k, v)) in entries.into_iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                write_py_string(out, k, ensure_ascii);
+                out.push_str(": ");
+                write_py_json(out, v, sort_keys, ensure_ascii);
+            }
+            out.push('}');
+        }
+    }
+}
+
+fn write_py_number(out: &mut String, n: &Number) {
+    if let Some(i) = n.as_i64() {
+        let _ = write!(out, "{i}");
+    } else if let Some(u) = n.as_u64() {
+        let _ = write!(out, "{u}");
+    } else if let Some(f) = n.as_f64() {
+        out.push_str(&py_float_repr(f));
+    }
+}
+
+/// Python's `repr(float)`: the shortest round-trip digits, in positional notation when the
+/// decimal exponent is in -4..16, otherwise as `d.ddde±XX`.
+fn py_float_repr(f: f64) -> String {
+    if f.is_nan() {
+        return "NaN".into();
+    }
+    if f.is_infinite() {
+        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
+    }
+    // Rust's `{:e}` gives the shortest round-trip digits: "-1.2345e-7", "1e16".
+    let sci = format!("{f:e}");
+    let (mantissa, exp) = sci.split_once('e').expect("{:e} always has an exponent");
+    let exp: i32 = exp.parse().expect("{:e} exponent is an integer");
+    let (sign, mantissa) = match mantissa.strip_prefix('-') {
+        Some(m) => ("-", m),
+        None => ("", mantissa),
+    };
+    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
+    if (-4..16).contains(&exp) {
+        let point = exp + 1; // digits before the decimal point
+        if point <= 0 {
+            format!("{sign}0.{}{digits}", "0".repeat((-point) as usize))
+        } else if point as usize >= digits.len() {
+            format!(
+                "{sign}{digits}{}.0",
+                "0".repeat(point as usize - digits.len())
+            )
+        } else {
+            let (int, frac) = digits.split_at(point as usize);
+            format!("{sign}{int}.{frac}")
+        }
+    } else {
+        let (first, rest) = digits.split_at(1);
+        let frac = if rest.is_empty() {
+            String::new()
+        } else {
+            format!(".{rest}")
+        };
+        let esign = if exp < 0 { '-' } else { '+' };
+        format!("{sign}{first}{frac}e{esign}{:02}", exp.abs())
+    }
+}
+
+fn write_py_string(out: &mut String, s: &str, ensure_ascii: bool) {
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{08}' => out.push_str("\\b"),
+            '\u{0c}' => out.push_str("\\f"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c if ensure_ascii && (c as u32) > 0x7e => {
+                let mut buf = [0u16; 2];
+                for unit in c.encode_utf16(&mut buf) {
+                    let _ = write!(out, "\\u{unit:04x}");
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    const GOOD_DUMP: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/fedora-messaging/good_msg_dump.txt"
+    ));
+
+    #[test]
+    fn python_json_uses_python_separators_and_escapes() {
+        let v = json!({"b": [1, 2.5, true, null], "a": "é\n\"x\"\u{7f}😀"});
+        assert_eq!(
+            to_py_json(&v, true, true),
+            r#"{"a": "\u00e9\n\"x\"\u007f\ud83d\ude00", "b": [1, 2.5, true, null]}"#
+        );
+        assert_eq!(
+            to_py_json(&v, false, false),
+            "{\"b\": [1, 2.5, true, null], \"a\": \"é\\n\\\"x\\\"\u{7f}😀\"}"
+        );
+        assert_eq!(to_py_json(&json!({}), true, true), "{}");
+        assert_eq!(to_py_json(&json!([]), true, true), "[]");
+    }
+
+    #[test]
+    fn python_float_repr() {
+        for (f, want) in [
+            (1.0, "1.0"),
+            (0.1, "0.1"),
+            (-2.5, "-2.5"),
+            (1e16, "1e+16"),
+            (1.5e16, "1.5e+16"),
+            (123456789012345.6, "123456789012345.6"),
+            (0.0001, "0.0001"),
+            (0.00001, "1e-05"),
+            (1.5e-7, "1.5e-07"),
+            (1e100, "1e+100"),
+            (100.0, "100.0"),
+        ] {
+            assert_eq!(py_float_repr(f), want, "{f}");
+        }
+    }
+
+    #[test]
+    fn record_line_round_trips_the_fixture_adding_priority_and_sorting_keys() {
+        let line = GOOD_DUMP.trim_end();
+        let msg = Message::from_record(serde_json::from_str(line).unwrap()).unwrap();
+        assert_eq!(msg.topic, "test_topic");
+        assert_eq!(msg.id.as_deref(), Some("273ed91d-b8b5-487a-9576-95b9fbdf3eec"));
+        assert_eq!(msg.queue.as_deref(), Some("test_queue"));
+        assert_eq!(msg.severity(), 20);
+        // fedora-messaging's dumps always writes priority (0 when unset).
+        let want = line.replace(r#", "queue""#, r#", "priority": 0, "queue""#);
+        assert_eq!(msg.record_line(), want);
+    }
+
+    #[test]
+    fn from_record_refuses_what_load_message_refuses() {
+        let err = |v: Value| Message::from_record(v).unwrap_err();
+        assert!(err(json!({"body": {}})).contains("'topic' is a required property"));
+        assert!(err(json!({"topic": "t"})).contains("'body' is a required property"));
+        assert!(err(json!({"topic": "t", "body": []})).contains("body must be a JSON object"));
+        assert!(
+            err(json!({"topic": "t", "body": {}, "headers": {"fedora_messaging_severity": 21}}))
+                .contains("must be one of 10, 20, 30, 40")
+        );
+        assert!(err(json!({"topic": 1, "body": {}})).contains("'topic' must be a string"));
+        assert!(err(json!({"topic": "t", "body": {}, "priority": 300})).contains("priority"));
+        assert!(err(json!([1])).contains("must be a JSON object"));
+    }
+
+    #[test]
+    fn prepare_for_publish_keeps_id_and_sent_at_and_fills_the_rest() {
+        let mut msg = Message::from_record(json!({"topic": "t", "body": {"k": 1}})).unwrap();
+        msg.prepare_for_publish();
+        assert_eq!(msg.headers[SCHEMA_HEADER], "base.message");
+        assert_eq!(msg.headers[SEVERITY_HEADER], 20);
+        assert_eq!(msg.headers[PRIORITY_HEADER], 0);
+        assert_eq!(msg.priority, Some(0));
+        let id = msg.id.clone().unwrap();
+        assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 4);
+        let sent_at = msg.headers[SENT_AT_HEADER].as_str().unwrap().to_owned();
+        assert!(sent_at.ends_with("+00:00") && sent_at.len() == 25, "{sent_at}");
+
+        let mut kept = Message::from_record(serde_json::from_str(GOOD_DUMP).unwrap()).unwrap();
+        kept.prepare_for_publish();
+        assert_eq!(kept.id.as_deref(), Some("273ed91d-b8b5-487a-9576-95b9fbdf3eec"));
+        assert_eq!(kept.headers[SENT_AT_HEADER], "2018-11-18T10:11:41+00:00");
+    }
+
+    #[test]
+    fn outgoing_messages_carry_fedora_messaging_properties() {
+        let msg = Message::new_outgoing(
+            "app.event".into(),
+            json!({"b": 1, "a": "ü"}),
+            Map::new(),
+            BASE_SCHEMA,
+            WARNING,
+            None,
+        );
+        assert_eq!(msg.routing_key(""), "app.event");
+        assert_eq!(msg.routing_key("org.fedoraproject.prod.."), "org.fedoraproject.prod.app.event");
+        // Key order kept, ASCII-only, Python separators.
+        assert_eq!(msg.encoded_body(), br#"{"b": 1, "a": "\u00fc"}"#);
+        let props = msg.amqp_properties().unwrap();
+        assert_eq!(props.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(props.content_encoding().as_ref().unwrap().as_str(), "utf-8");
+        assert_eq!(*props.delivery_mode(), Some(2));
+        assert_eq!(*props.priority(), None);
+        let headers = field_table_to_json(props.headers().as_ref().unwrap());
+        assert_eq!(headers[SEVERITY_HEADER], 30);
+        assert_eq!(headers[PRIORITY_HEADER], 0);
+        assert_eq!(headers[SCHEMA_HEADER], "base.message");
+    }
+
+    #[test]
+    fn headers_convert_like_pika() {
+        let h = json!({"i": 5, "big": 5_000_000_000i64, "f": 1.5, "s": "x", "b": true,
+                       "n": null, "a": [1, "y"], "o": {"k": "v"}});
+        let table = json_to_field_table(h.as_object().unwrap()).unwrap();
+        let inner = table.inner();
+        assert!(matches!(inner.get("i"), Some(AMQPValue::LongInt(5))));
+        assert!(matches!(inner.get("big"), Some(AMQPValue::LongLongInt(5_000_000_000))));
+        assert!(matches!(inner.get("f"), Some(AMQPValue::Double(_))));
+        assert!(matches!(inner.get("n"), Some(AMQPValue::Void)));
+        assert_eq!(Value::Object(field_table_to_json(&table)), h);
+    }
+
+    #[test]
+    fn utc_formatting() {
+        assert_eq!(format_utc(0), "1970-01-01T00:00:00+00:00");
+        assert_eq!(format_utc(1_542_535_901), "2018-11-18T10:11:41+00:00");
+        assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00+00:00");
+    }
+}
