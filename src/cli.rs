@@ -42,6 +42,15 @@ impl Cli {
 pub enum Command {
     /// Consume messages and hand each to the callback.
     Consume(ConsumeArgs),
+    /// Check what `fm consume` would use (configuration, callback, broker, queues, exchanges)
+    /// without consuming; exit with the status consume would exit with.
+    Check(ConsumeArgs),
+    /// Print a completion script for SHELL on stdout.
+    Completions(CompletionsArgs),
+    /// Publish messages: one given on the command line, or a file of record-format lines.
+    Publish(PublishArgs),
+    /// Consume messages and write each as one record-format JSON line.
+    Record(RecordArgs),
 }
 
 /// The consume overrides fedora-messaging's `consume` accepts.
@@ -82,4 +91,110 @@ impl ConsumeArgs {
             callback: self.callback.clone(),
         }
     }
+}
+
+/// `fm publish`: one message (`--topic`, `--body`…) or a FILE of record-format lines, as
+/// `fedora-messaging publish` reads them.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["file", "topic"])))]
+pub struct PublishArgs {
+    /// A file of messages, one JSON object per line as `fm record` writes them ("-" for stdin).
+    #[arg(value_name = "FILE", conflicts_with = "topic")]
+    pub file: Option<PathBuf>,
+    /// The exchange to publish to (default: publish_exchange from the configuration).
+    #[arg(long, value_name = "NAME")]
+    pub exchange: Option<String>,
+    /// Publish one message with this topic (instead of reading a FILE).
+    #[arg(long, value_name = "TOPIC")]
+    pub topic: Option<String>,
+    /// The body of that message, a JSON object (default: read from stdin when it is not a
+    /// terminal).
+    #[arg(long, value_name = "JSON", requires = "topic")]
+    pub body: Option<String>,
+    /// A header of that message: NAME=TEXT, or NAME:=JSON for a number, boolean… (repeatable).
+    #[arg(long = "header", value_name = "NAME=VALUE", requires = "topic")]
+    pub headers: Vec<String>,
+    /// The severity of that message: debug, info, warning, error, or 10, 20, 30, 40
+    /// (default: info).
+    #[arg(long, value_name = "LEVEL", requires = "topic")]
+    pub severity: Option<String>,
+    /// The AMQP priority of that message (default: publish_priority from the configuration).
+    #[arg(long, value_name = "N", requires = "topic")]
+    pub priority: Option<u8>,
+    /// The schema header of that message (default: base.message).
+    #[arg(long, value_name = "NAME", requires = "topic")]
+    pub schema: Option<String>,
+    /// Skip invalid lines and messages the broker returns or rejects, instead of stopping at
+    /// the first one (the exit status still reports them).
+    #[arg(long)]
+    pub keep_going: bool,
+    /// Write every message that was not confirmed by the broker to this file, in the record
+    /// format, ready to publish again (created even when empty).
+    #[arg(long, value_name = "FILE")]
+    pub failed: Option<PathBuf>,
+    /// How long to wait for the broker: to connect, and to confirm each message.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+    pub timeout: std::time::Duration,
+    /// Publish without the mandatory flag: a message no queue receives is accepted silently,
+    /// as fedora-messaging does, instead of failing with exit status 121.
+    #[arg(long)]
+    pub allow_unroutable: bool,
+}
+
+/// `fm record`: consume like `fm consume` and write each message as one JSON line.
+#[derive(Debug, Args)]
+pub struct RecordArgs {
+    /// The file to write ("-" for standard output); it is truncated first.
+    #[arg(value_name = "FILE")]
+    pub file: PathBuf,
+    /// Stop after recording this many messages (exit status 0).
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub limit: Option<u64>,
+    #[command(flatten)]
+    pub options: ConsumeOptions,
+}
+
+impl RecordArgs {
+    /// The configuration overrides these flags ask for; the application name defaults to
+    /// "recorder", as in fedora-messaging.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            app_name: Some(
+                self.options
+                    .app_name
+                    .clone()
+                    .unwrap_or_else(|| "recorder".to_owned()),
+            ),
+            queue_name: self.options.queue_name.clone(),
+            routing_keys: self.options.routing_keys.clone(),
+            exchange: self.options.exchange.clone(),
+            callback: None,
+        }
+    }
+}
+
+/// A duration in seconds, whole or fractional ("30", "2.5").
+fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
+    let secs: f64 = s
+        .parse()
+        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
+    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
+        return Err(format!("{s} is not between 0 and 86400 seconds"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
+}
+
+/// `fm completions`.
+#[derive(Debug, Args)]
+pub struct CompletionsArgs {
+    /// The shell: bash, zsh, fish, elvish or powershell.
+    #[arg(value_enum, value_name = "SHELL")]
+    pub shell: clap_complete::Shell,
+}
+
+/// Write the completion script for `shell` to stdout, generated from the same definitions
+/// that parse the command line, so it cannot fall behind.
+pub fn print_completions(shell: clap_complete::Shell) {
+    use clap::CommandFactory as _;
+    clap_complete::generate(shell, &mut Cli::command(), "fm", &mut std::io::stdout());
 }

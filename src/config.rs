@@ -233,9 +233,15 @@ pub enum CallbackKind {
     /// A native plugin (`.so`) implementing `include/fm_plugin.h`, loaded in-process.
     Plugin { path: PathBuf },
     /// A program run per message (`Exec`) or kept running and fed messages (`Worker`).
-    Command { argv: Vec<String>, mode: CommandMode },
+    Command {
+        argv: Vec<String>,
+        mode: CommandMode,
+    },
     /// A fedora-messaging Python callback `package.module:attribute`, run by fm's worker shim.
-    Python { target: String, interpreter: PathBuf },
+    Python {
+        target: String,
+        interpreter: PathBuf,
+    },
 }
 
 impl fmt::Display for CallbackKind {
@@ -368,7 +374,11 @@ impl Config {
     /// Errors carry exit code 2 and start with the file's name.
     pub fn load(explicit: Option<&Path>) -> anyhow::Result<Config> {
         let env = std::env::var_os(ENV_CONF);
-        Self::load_from(explicit, env.as_deref().map(Path::new), Path::new(DEFAULT_PATH))
+        Self::load_from(
+            explicit,
+            env.as_deref().map(Path::new),
+            Path::new(DEFAULT_PATH),
+        )
     }
 
     /// [`Config::load`] with the environment and the default path given, so tests need not
@@ -544,9 +554,7 @@ pub fn parse_callback_string(s: &str) -> anyhow::Result<CallbackKind> {
 fn check_python_target(s: &str) -> anyhow::Result<()> {
     fn identifier(s: &str) -> bool {
         let mut chars = s.chars();
-        chars
-            .next()
-            .is_some_and(|c| c == '_' || c.is_alphabetic())
+        chars.next().is_some_and(|c| c == '_' || c.is_alphabetic())
             && chars.all(|c| c == '_' || c.is_alphanumeric())
     }
     let ok = match s.split_once(':') {
@@ -596,8 +604,11 @@ fn usage(msg: String) -> anyhow::Error {
 
 /// 1-based line and column (in characters) of byte `offset` in `text`.
 fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..text.floor_char_boundary(offset)];
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
     let line = before.matches('\n').count() + 1;
     let col = before
         .rfind('\n')
@@ -608,7 +619,8 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
     (line, col)
 }
 
-type Value_<'a> = Spanned<DeValue<'a>>;
+/// A value of the parsed document, with its position in the text.
+type Item<'a> = Spanned<DeValue<'a>>;
 
 /// The validator: holds the text (for line numbers) and the file's name (for messages).
 struct Parser<'t> {
@@ -620,19 +632,27 @@ impl<'t> Parser<'t> {
     /// An error at `span`: "FILE: line L, column C: MSG", exit code 2.
     fn err(&self, span: Range<usize>, msg: impl fmt::Display) -> anyhow::Error {
         let (line, col) = line_col(self.text, span.start);
-        usage(format!(
-            "{}: line {line}, column {col}: {msg}",
-            self.origin
-        ))
+        usage(format!("{}: line {line}, column {col}: {msg}", self.origin))
     }
 
-    /// Deserialize a fixed-shape value with serde; errors are located and prefixed by `what`.
-    fn de<T: Deserialize<'t>>(&self, what: &str, v: &Value_<'t>) -> anyhow::Result<T> {
-        T::deserialize(ValueDeserializer::from(v.clone()))
-            .map_err(|e| self.err(e.span().unwrap_or(v.span()), format!("{what}: {}", e.message())))
+    /// Deserialize a fixed-shape value with serde; errors are located and prefixed by `what`
+    /// and, inside a table, by the key whose value is wrong.
+    fn de<T: Deserialize<'t>>(&self, what: &str, v: &Item<'t>) -> anyhow::Result<T> {
+        T::deserialize(ValueDeserializer::from(v.clone())).map_err(|e| {
+            let span = e.span().unwrap_or(v.span());
+            let key = v.get_ref().as_table().and_then(|t| {
+                t.iter()
+                    .find(|(_, value)| value.span().contains(&span.start))
+                    .map(|(key, _)| key.get_ref())
+            });
+            match key {
+                Some(key) => self.err(span, format!("{what} {key}: {}", e.message())),
+                None => self.err(span, format!("{what}: {}", e.message())),
+            }
+        })
     }
 
-    fn table<'v>(&self, what: &str, v: &'v Value_<'t>) -> anyhow::Result<&'v DeTable<'t>> {
+    fn table<'v>(&self, what: &str, v: &'v Item<'t>) -> anyhow::Result<&'v DeTable<'t>> {
         v.get_ref().as_table().ok_or_else(|| {
             self.err(
                 v.span(),
@@ -642,7 +662,7 @@ impl<'t> Parser<'t> {
     }
 
     /// An open table (`client_properties`, `consumer_config`, `arguments`) as JSON.
-    fn json_table(&self, what: &str, v: &Value_<'t>) -> anyhow::Result<Map<String, Value>> {
+    fn json_table(&self, what: &str, v: &Item<'t>) -> anyhow::Result<Map<String, Value>> {
         let mut map = Map::new();
         for (key, entry) in self.table(what, v)? {
             let value: toml::Value = self.de(what, entry)?;
@@ -656,10 +676,7 @@ impl<'t> Parser<'t> {
     fn parse(&self) -> anyhow::Result<Config> {
         let doc = DeTable::parse(self.text).map_err(|e| {
             let span = e.span().unwrap_or(0..0);
-            self.err(
-                span,
-                format!("invalid TOML: {}", e.message().trim_end()),
-            )
+            self.err(span, format!("invalid TOML: {}", e.message().trim_end()))
         })?;
         let mut config = Config::default();
         let mut seen: Vec<(String, Cow<'_, str>)> = Vec::new();
@@ -686,10 +703,10 @@ impl<'t> Parser<'t> {
                 "shutdown_timeout" => {
                     config.shutdown_timeout = self.seconds("shutdown_timeout", value, true)?
                 }
-                "client_properties" => {
-                    config.client_properties = self.client_properties(value)?
+                "client_properties" => config.client_properties = self.client_properties(value)?,
+                "publish_exchange" => {
+                    config.publish_exchange = self.de("publish_exchange", value)?
                 }
-                "publish_exchange" => config.publish_exchange = self.de("publish_exchange", value)?,
                 "topic_prefix" => config.topic_prefix = self.de("topic_prefix", value)?,
                 "publish_priority" => {
                     let p: i64 = self.de("publish_priority", value)?;
@@ -700,7 +717,9 @@ impl<'t> Parser<'t> {
                         )
                     })?);
                 }
-                "passive_declares" => config.passive_declares = self.de("passive_declares", value)?,
+                "passive_declares" => {
+                    config.passive_declares = self.de("passive_declares", value)?
+                }
                 "exchanges" => config.exchanges = self.exchanges(value)?,
                 "queues" => config.queues = self.queues(value)?,
                 "bindings" => all_bindings = Some(self.bindings(value)?),
@@ -753,7 +772,7 @@ impl<'t> Parser<'t> {
         Ok(config)
     }
 
-    fn amqp_urls(&self, v: &Value_<'t>) -> anyhow::Result<Vec<String>> {
+    fn amqp_urls(&self, v: &Item<'t>) -> anyhow::Result<Vec<String>> {
         let urls: Vec<Spanned<String>> = match v.get_ref() {
             DeValue::String(_) => vec![self.de("amqp_url", v)?],
             DeValue::Array(items) => {
@@ -796,7 +815,7 @@ impl<'t> Parser<'t> {
             .collect()
     }
 
-    fn seconds(&self, key: &str, v: &Value_<'t>, zero_ok: bool) -> anyhow::Result<Duration> {
+    fn seconds(&self, key: &str, v: &Item<'t>, zero_ok: bool) -> anyhow::Result<Duration> {
         let secs: f64 = self.de(key, v)?;
         match Duration::try_from_secs_f64(secs) {
             Ok(d) if zero_ok || !d.is_zero() => Ok(d),
@@ -804,13 +823,17 @@ impl<'t> Parser<'t> {
                 v.span(),
                 format!(
                     "{key} must be a number of seconds {}, not {secs}",
-                    if zero_ok { "(0 or more)" } else { "greater than 0" }
+                    if zero_ok {
+                        "(0 or more)"
+                    } else {
+                        "greater than 0"
+                    }
                 ),
             )),
         }
     }
 
-    fn client_properties(&self, v: &Value_<'t>) -> anyhow::Result<Map<String, Value>> {
+    fn client_properties(&self, v: &Item<'t>) -> anyhow::Result<Map<String, Value>> {
         let props = self.json_table("[client_properties]", v)?;
         // These identify the client to broker admins; fedora-messaging forbids changing them.
         for (key, expected) in reserved_properties() {
@@ -833,21 +856,24 @@ impl<'t> Parser<'t> {
         Ok(with_reserved_properties(props))
     }
 
-    fn exchanges(&self, v: &Value_<'t>) -> anyhow::Result<Vec<(String, Exchange)>> {
+    fn exchanges(&self, v: &Item<'t>) -> anyhow::Result<Vec<(String, Exchange)>> {
+        // Unlike queues, fedora-messaging never reads these (it does not declare exchanges),
+        // so every setting may be left out. `arguments` is checked here and converted by
+        // `json_table`, like every open table.
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct RawExchange {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+            durable: Option<bool>,
+            auto_delete: Option<bool>,
+            #[serde(rename = "arguments")]
+            _arguments: Option<serde::de::IgnoredAny>,
+        }
         let mut out = Vec::new();
         for (name, entry) in self.table("exchanges", v)? {
             let what = format!("[exchanges.\"{}\"]", name.get_ref());
             let table = self.table(&what, entry)?;
-            #[derive(Deserialize)]
-            #[serde(deny_unknown_fields)]
-            struct RawExchange {
-                #[serde(rename = "type")]
-                kind: Option<String>,
-                durable: Option<bool>,
-                auto_delete: Option<bool>,
-                #[allow(dead_code)]
-                arguments: Option<serde::de::IgnoredAny>,
-            }
             let raw: RawExchange = self.de(&what, entry)?;
             let arguments = match table.get("arguments") {
                 Some(a) => self.json_table(&format!("{what} arguments"), a)?,
@@ -866,15 +892,15 @@ impl<'t> Parser<'t> {
         Ok(out)
     }
 
-    fn queues(&self, v: &Value_<'t>) -> anyhow::Result<Vec<(String, Queue)>> {
+    fn queues(&self, v: &Item<'t>) -> anyhow::Result<Vec<(String, Queue)>> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct RawQueue {
             durable: bool,
             auto_delete: bool,
             exclusive: bool,
-            #[allow(dead_code)]
-            arguments: serde::de::IgnoredAny,
+            #[serde(rename = "arguments")]
+            _arguments: serde::de::IgnoredAny,
         }
         let mut out = Vec::new();
         for (name, entry) in self.table("queues", v)? {
@@ -910,15 +936,15 @@ impl<'t> Parser<'t> {
         Ok(out)
     }
 
-    fn bindings(&self, v: &Value_<'t>) -> anyhow::Result<Vec<Binding>> {
+    fn bindings(&self, v: &Item<'t>) -> anyhow::Result<Vec<Binding>> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct RawBinding {
             queue: Option<String>,
             exchange: String,
             routing_keys: Vec<String>,
-            #[allow(dead_code)]
-            arguments: Option<serde::de::IgnoredAny>,
+            #[serde(rename = "arguments")]
+            _arguments: Option<serde::de::IgnoredAny>,
         }
         let Some(items) = v.get_ref().as_array() else {
             return Err(self.err(
@@ -970,7 +996,7 @@ impl<'t> Parser<'t> {
         Ok(out)
     }
 
-    fn qos(&self, v: &Value_<'t>) -> anyhow::Result<Qos> {
+    fn qos(&self, v: &Item<'t>) -> anyhow::Result<Qos> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct RawQos {
@@ -1006,7 +1032,7 @@ impl<'t> Parser<'t> {
         })
     }
 
-    fn tls(&self, v: &Value_<'t>) -> anyhow::Result<Tls> {
+    fn tls(&self, v: &Item<'t>) -> anyhow::Result<Tls> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct RawTls {
@@ -1025,7 +1051,7 @@ impl<'t> Parser<'t> {
         })
     }
 
-    fn monitoring(&self, v: &Value_<'t>) -> anyhow::Result<Option<Monitoring>> {
+    fn monitoring(&self, v: &Item<'t>) -> anyhow::Result<Option<Monitoring>> {
         #[derive(Deserialize)]
         #[serde(deny_unknown_fields)]
         struct RawMonitoring {
@@ -1057,7 +1083,7 @@ impl<'t> Parser<'t> {
         }))
     }
 
-    fn callback(&self, v: &Value_<'t>) -> anyhow::Result<CallbackConfig> {
+    fn callback(&self, v: &Item<'t>) -> anyhow::Result<CallbackConfig> {
         if let DeValue::String(s) = v.get_ref() {
             let kind = parse_callback_string(s).map_err(|e| self.err(v.span(), e))?;
             return Ok(CallbackConfig {
@@ -1236,7 +1262,7 @@ impl<'t> Parser<'t> {
     }
 
     /// The levels of a Python `dictConfig` table; everything else in it is ignored.
-    fn log_config(&self, v: &Value_<'t>) -> anyhow::Result<LogConfig> {
+    fn log_config(&self, v: &Item<'t>) -> anyhow::Result<LogConfig> {
         let table = self.table("[log_config]", v)?;
         // The table replaces fedora-messaging's default, whose root is WARNING; a file's
         // dictConfig without `root` leaves Python's root logger at WARNING too.
@@ -1267,7 +1293,7 @@ impl<'t> Parser<'t> {
     }
 
     /// A Python logging level (name or number) as a tracing filter; `None` for NOTSET.
-    fn python_level(&self, what: &str, v: &Value_<'t>) -> anyhow::Result<Option<LevelFilter>> {
+    fn python_level(&self, what: &str, v: &Item<'t>) -> anyhow::Result<Option<LevelFilter>> {
         let bad = |shown: String| {
             self.err(
                 v.span(),
@@ -1338,4 +1364,1008 @@ fn toml_to_json(v: toml::Value) -> Result<Value, String> {
                 .collect::<Result<_, String>>()?,
         ),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::exit_code_of;
+
+    const FIXTURES: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/fixtures/fedora-messaging"
+    );
+
+    fn fixture(name: &str) -> PathBuf {
+        let path = Path::new(FIXTURES).join(name);
+        assert!(
+            path.is_file(),
+            "fixture {} is missing: the shared folder must sit beside the repository",
+            path.display()
+        );
+        path
+    }
+
+    fn parse(text: &str) -> Config {
+        Config::from_toml_str(text, Some(Path::new("test.toml")))
+            .unwrap_or_else(|e| panic!("{e:#}"))
+    }
+
+    /// The error for `text`, checked to carry exit code 2 and to start with the file's name.
+    fn error(text: &str) -> String {
+        let err = Config::from_toml_str(text, Some(Path::new("test.toml")))
+            .expect_err("the configuration should be refused");
+        assert_eq!(exit_code_of(&err), code::USAGE, "{err:#}");
+        let msg = format!("{err:#}");
+        assert!(msg.starts_with("test.toml: "), "{msg}");
+        msg
+    }
+
+    fn assert_contains(haystack: &str, needles: &[&str]) {
+        for needle in needles {
+            assert!(haystack.contains(needle), "{needle:?} not in {haystack:?}");
+        }
+    }
+
+    fn str_prop<'a>(c: &'a Config, key: &str) -> &'a str {
+        c.client_properties[key].as_str().unwrap()
+    }
+
+    // ---- fedora-messaging's own files -------------------------------------------------------
+
+    #[test]
+    fn the_example_config_of_fedora_messaging_loads() {
+        let path = fixture("config.toml.example");
+        let c = Config::load(Some(&path)).unwrap();
+        assert_eq!(c.path.as_deref(), Some(path.as_path()));
+        assert_eq!(c.amqp_urls, ["amqp://"]);
+        assert_eq!(
+            c.callback.kind,
+            Some(CallbackKind::Python {
+                target: "fedora_messaging.example:printer".into(),
+                interpreter: "python3".into()
+            })
+        );
+        assert_eq!(str_prop(&c, "app"), "Example Application");
+        assert_eq!(str_prop(&c, "product"), PRODUCT);
+        assert_eq!(str_prop(&c, "version"), VERSION);
+        assert_eq!(
+            c.queues,
+            [(
+                "my_queue".to_owned(),
+                Queue {
+                    durable: true,
+                    auto_delete: false,
+                    exclusive: false,
+                    arguments: Map::new()
+                }
+            )]
+        );
+        assert_eq!(c.bindings.len(), 1);
+        assert_eq!(c.bindings[0].queue, "my_queue");
+        assert_eq!(c.bindings[0].routing_keys, ["#"]);
+        assert_eq!(c.exchanges[0].0, "amq.topic");
+        assert_eq!(c.exchanges[0].1.kind, "topic");
+        assert_eq!(
+            c.qos,
+            Qos {
+                prefetch_size: 0,
+                prefetch_count: 25
+            }
+        );
+        assert_eq!(c.consumer_config["example_key"], "for my consumer");
+        assert_eq!(
+            c.consumer_config_json(),
+            r#"{"example_key":"for my consumer"}"#
+        );
+        assert_eq!(
+            c.tls,
+            Tls {
+                ca_cert: Some("/etc/fedora-messaging/cacert.pem".into()),
+                certfile: Some("/etc/fedora-messaging/fedora-cert.pem".into()),
+                keyfile: Some("/etc/fedora-messaging/fedora-key.pem".into()),
+            }
+        );
+        assert_eq!(c.monitoring, None);
+        assert_eq!(c.log_config.root, LevelFilter::ERROR);
+        assert_eq!(
+            c.log_config.loggers,
+            [
+                ("fedora_messaging".to_owned(), LevelFilter::INFO),
+                ("twisted".to_owned(), LevelFilter::INFO),
+                ("pika".to_owned(), LevelFilter::WARN),
+            ]
+        );
+    }
+
+    #[test]
+    fn fedoras_public_broker_config_loads() {
+        for path in [
+            fixture("fedora.toml"),
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("config/fedora.toml"),
+        ] {
+            let c = Config::load(Some(&path)).unwrap();
+            assert_eq!(
+                c.amqp_urls,
+                ["amqps://fedora:@rabbitmq.fedoraproject.org/%2Fpublic_pubsub"],
+                "{}",
+                path.display()
+            );
+            // No [queues]: the default server-named queue, and bindings default to it.
+            assert_eq!(c.queues, Config::default().queues);
+            assert_eq!(c.bindings.len(), 1);
+            assert_eq!(c.bindings[0].queue, "");
+            assert_eq!(c.bindings[0].exchange, "amq.topic");
+            assert_eq!(
+                c.client_properties["app_contacts_email"],
+                serde_json::json!(["admin@fedoraproject.org"])
+            );
+            assert_eq!(
+                str_prop(&c, "app_url"),
+                "https://github.com/fedora-infra/fedora-messaging"
+            );
+            assert_eq!(c.qos.prefetch_count, 25);
+            assert_eq!(
+                c.tls.certfile.as_deref(),
+                Some(Path::new("/etc/fedora-messaging/fedora-cert.pem"))
+            );
+        }
+    }
+
+    #[test]
+    fn the_minimal_good_config_loads_and_drops_the_binding_of_an_undeclared_queue() {
+        let c = Config::load(Some(&fixture("good_conf.toml"))).unwrap();
+        assert_eq!(
+            c.callback.kind,
+            Some(CallbackKind::Python {
+                target: "tests.unit.test_cli:echo".into(),
+                interpreter: "python3".into()
+            })
+        );
+        // Its binding names queue "q", which is not declared: fedora-messaging ignores it.
+        assert!(c.bindings.is_empty());
+        assert_eq!(c.ignored_bindings.len(), 1);
+        assert_eq!(c.ignored_bindings[0].queue, "q");
+        assert_eq!(c.ignored_bindings[0].exchange, "e");
+        assert_eq!(c.queues, Config::default().queues);
+    }
+
+    #[test]
+    fn a_toml_syntax_error_names_the_file_line_and_column() {
+        let path = fixture("bad_conf.toml");
+        let err = Config::load(Some(&path)).unwrap_err();
+        assert_eq!(exit_code_of(&err), code::USAGE);
+        let msg = format!("{err:#}");
+        assert!(
+            msg.starts_with(&format!(
+                "{}: line 1, column 20: invalid TOML",
+                path.display()
+            )),
+            "{msg}"
+        );
+        let msg = error("a = 1\n\n  b = [1,\n");
+        assert_contains(&msg, &["test.toml: line 3, column", "invalid TOML"]);
+    }
+
+    // ---- fm's sample files ------------------------------------------------------------------
+
+    #[test]
+    fn the_reference_sample_documents_exactly_the_defaults() {
+        let text = include_str!("../config/fm.toml");
+        let c = parse(text);
+        assert_eq!(c.amqp_urls, [DEFAULT_AMQP_URL]);
+        assert_eq!(c.connection_timeout, Duration::from_secs(10));
+        assert_eq!(c.shutdown_timeout, Duration::from_secs(30));
+        assert_eq!(c.qos.prefetch_count, 10);
+        assert_eq!(c.callback.on_error, OnError::Halt);
+        let expected = Config {
+            path: Some("test.toml".into()),
+            ..Config::default()
+        };
+        assert_eq!(c, expected);
+        // Every key fm reads is documented in it (set, or in a comment).
+        let keys = VALID_KEYS.iter().chain(&[
+            "prefetch_size",
+            "prefetch_count",
+            "ca_cert",
+            "certfile",
+            "keyfile",
+            "address",
+            "port",
+            "plugin",
+            "command",
+            "mode",
+            "python",
+            "interpreter",
+            "concurrency",
+            "timeout",
+            "on_error",
+            "max_redeliveries",
+            "durable",
+            "auto_delete",
+            "exclusive",
+            "arguments",
+            "type",
+            "queue",
+            "exchange",
+            "routing_keys",
+        ]);
+        for key in keys {
+            assert!(
+                text.lines().any(|l| {
+                    let l = l.trim_start_matches(['#', ' ', '[']);
+                    [" =", "]", "."]
+                        .iter()
+                        .any(|end| l.starts_with(&format!("{key}{end}")))
+                }),
+                "config/fm.toml does not document {key}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_demo_config_consumes_demo_topics_with_the_printer_plugin() {
+        let c = parse(include_str!("../config/demo.toml"));
+        assert_eq!(c.amqp_urls, ["amqp://localhost:5672/%2F"]);
+        assert_eq!(c.queues.len(), 1);
+        assert_eq!(c.queues[0].0, "fm-demo");
+        assert!(c.queues[0].1.durable);
+        assert_eq!(c.bindings[0].routing_keys, ["demo.#"]);
+        assert_eq!(
+            c.callback.kind,
+            Some(CallbackKind::Plugin {
+                path: "target/debug/libfm_printer.so".into()
+            })
+        );
+    }
+
+    // ---- top-level keys ---------------------------------------------------------------------
+
+    #[test]
+    fn an_empty_file_means_the_defaults() {
+        let c = Config::from_toml_str("", None).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.amqp_urls, ["amqp://?connection_attempts=3&retry_delay=5"]);
+        assert_eq!(c.publish_exchange, "amq.topic");
+        assert_eq!(c.publish_priority, None);
+        assert_eq!(c.bindings[0].routing_keys, ["#"]);
+        assert!(c.queues[0].1.exclusive && c.queues[0].1.auto_delete && !c.queues[0].1.durable);
+        assert_eq!(str_prop(&c, "app"), "Unknown");
+        assert_eq!(c.callback.kind, None);
+    }
+
+    #[test]
+    fn an_unknown_top_level_key_is_refused_and_the_valid_keys_listed() {
+        let msg = error("amqp_url = \"amqp://\"\nprefetch = 3\n");
+        assert_contains(
+            &msg,
+            &[
+                "test.toml: line 2, column 1: unknown configuration key 'prefetch'; valid keys are: ",
+            ],
+        );
+        for key in VALID_KEYS {
+            assert!(msg.contains(key), "{key} not listed in {msg}");
+        }
+    }
+
+    #[test]
+    fn top_level_keys_are_not_case_sensitive_but_may_not_repeat() {
+        let c = parse("AMQP_URL = \"amqps://h/%2F\"\n[QoS]\nprefetch_count = 3\n");
+        assert_eq!(c.amqp_urls, ["amqps://h/%2F"]);
+        assert_eq!(c.qos.prefetch_count, 3);
+        let msg = error("amqp_url = \"amqp://a\"\nAmqp_Url = \"amqp://b\"\n");
+        assert_contains(&msg, &["line 2", "'Amqp_Url' repeats 'amqp_url'"]);
+    }
+
+    #[test]
+    fn amqp_url_may_be_an_array_of_fail_over_urls() {
+        let c = parse("amqp_url = [\"amqps://a/%2F\", \"amqp://b:5672/%2F\"]");
+        assert_eq!(c.amqp_urls, ["amqps://a/%2F", "amqp://b:5672/%2F"]);
+        assert_contains(&error("amqp_url = []"), &["amqp_url is an empty array"]);
+        assert_contains(
+            &error("amqp_url = 5"),
+            &["amqp_url must be a string or an array"],
+        );
+        assert_contains(
+            &error("amqp_url = [\"amqp://a\", 5]"),
+            &["amqp_url: invalid type"],
+        );
+    }
+
+    #[test]
+    fn a_url_that_is_not_amqp_is_refused_with_its_password_hidden() {
+        let msg = error("amqp_url = [\"amqp://a\", \"http://user:s3cret@host/\"]");
+        assert_contains(
+            &msg,
+            &[
+                "line 1, column 25",
+                "amqp_url 'http://user:***@host/' must start with amqp://",
+            ],
+        );
+        assert!(!msg.contains("s3cret"), "{msg}");
+    }
+
+    #[test]
+    fn redact_url_hides_only_the_password() {
+        assert_eq!(
+            redact_url("amqps://u:p@h:5671/%2F"),
+            "amqps://u:***@h:5671/%2F"
+        );
+        assert_eq!(redact_url("amqp://u:p@ss@h/v?x=1"), "amqp://u:***@h/v?x=1");
+        assert_eq!(redact_url("amqp://u@h/"), "amqp://u@h/");
+        assert_eq!(redact_url("amqps://fedora:@h/%2F"), "amqps://fedora:@h/%2F");
+        assert_eq!(redact_url("amqp://h/a:b@c"), "amqp://h/a:b@c");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
+
+    #[test]
+    fn timeouts_are_seconds_and_may_be_decimal() {
+        let c = parse("connection_timeout = 2.5\nshutdown_timeout = 0");
+        assert_eq!(c.connection_timeout, Duration::from_millis(2500));
+        assert_eq!(c.shutdown_timeout, Duration::ZERO);
+        assert_contains(
+            &error("connection_timeout = 0"),
+            &["connection_timeout must be a number of seconds greater than 0, not 0"],
+        );
+        assert_contains(
+            &error("shutdown_timeout = -1"),
+            &["shutdown_timeout must be"],
+        );
+        assert_contains(
+            &error("connection_timeout = \"10\""),
+            &["connection_timeout: invalid type"],
+        );
+    }
+
+    #[test]
+    fn publish_settings_are_typed_and_ranged() {
+        let c = parse(
+            "publish_priority = 255\npublish_exchange = \"x\"\ntopic_prefix = \"org.example\"\n\
+             passive_declares = true",
+        );
+        assert_eq!(c.publish_priority, Some(255));
+        assert_eq!(c.publish_exchange, "x");
+        assert_eq!(c.topic_prefix, "org.example");
+        assert!(c.passive_declares);
+        assert_contains(
+            &error("publish_priority = 256"),
+            &["publish_priority must be between 0 and 255, not 256"],
+        );
+        assert_contains(
+            &error("passive_declares = \"yes\""),
+            &["passive_declares: invalid type"],
+        );
+    }
+
+    // ---- client_properties ------------------------------------------------------------------
+
+    #[test]
+    fn client_properties_keep_extra_keys_and_get_fms_identity() {
+        let c = parse(
+            "[client_properties]\nteam = \"infra\"\nport = 3\nwhen = 2024-01-02T03:04:05Z\n\
+             product = \"fm\"",
+        );
+        assert_eq!(str_prop(&c, "team"), "infra");
+        assert_eq!(c.client_properties["port"], 3);
+        assert_eq!(str_prop(&c, "when"), "2024-01-02T03:04:05Z");
+        assert_eq!(str_prop(&c, "app"), "Unknown");
+        assert_eq!(str_prop(&c, "product"), "fm");
+        assert_eq!(str_prop(&c, "information"), INFORMATION);
+        assert_eq!(
+            str_prop(&c, "version"),
+            concat!("fm-", env!("CARGO_PKG_VERSION"))
+        );
+    }
+
+    #[test]
+    fn reserved_client_properties_may_not_change() {
+        for key in ["product", "information", "version"] {
+            let msg = error(&format!(
+                "[client_properties]\napp = \"a\"\n{key} = \"mine\"\n"
+            ));
+            assert_contains(
+                &msg,
+                &[
+                    "line 3, column 1",
+                    &format!("\"{key}\" is a reserved keyword in client_properties"),
+                ],
+            );
+        }
+        assert_contains(
+            &error("[client_properties]\nx = nan\n"),
+            &["[client_properties] x: NaN cannot be represented in JSON"],
+        );
+    }
+
+    // ---- queues, bindings, exchanges ---------------------------------------------------------
+
+    #[test]
+    fn queues_keep_file_order_and_their_arguments() {
+        let c = parse(
+            r#"
+            [queues.zeta]
+            durable = true
+            auto_delete = false
+            exclusive = false
+            arguments = {"x-queue-type" = "quorum", "x-max-priority" = 10}
+            [queues.alpha]
+            durable = false
+            auto_delete = true
+            exclusive = true
+            arguments = {}
+            [[bindings]]
+            queue = "zeta"
+            exchange = "amq.topic"
+            routing_keys = ["a.#", "b.*"]
+            arguments = {"x-match" = "all"}
+            "#,
+        );
+        let names: Vec<&str> = c.queues.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(names, ["zeta", "alpha"]);
+        let args = &c.queues[0].1.arguments;
+        assert_eq!(args["x-queue-type"], "quorum");
+        assert_eq!(args["x-max-priority"], 10);
+        assert_eq!(
+            args.keys().collect::<Vec<_>>(),
+            ["x-queue-type", "x-max-priority"]
+        );
+        assert_eq!(c.bindings[0].routing_keys, ["a.#", "b.*"]);
+        assert_eq!(c.bindings[0].arguments["x-match"], "all");
+        // The file's [queues] replaced the default "" queue, and the file's bindings the default.
+        assert_eq!(c.bindings.len(), 1);
+    }
+
+    #[test]
+    fn a_queue_missing_a_setting_is_refused_naming_the_queue_and_keys() {
+        let msg = error("[queues.work]\ndurable = true\nexclusive = false\n");
+        assert_contains(
+            &msg,
+            &["queue 'work' is missing auto_delete, arguments; every queue needs durable"],
+        );
+        assert_contains(
+            &error(
+                "[queues.w]\ndurable = 1\nauto_delete = false\nexclusive = false\narguments = {}",
+            ),
+            &[
+                "line 2, column 11: [queues.\"w\"] durable: invalid type: integer `1`, expected a boolean",
+            ],
+        );
+        assert_contains(
+            &error(
+                "[queues.w]\ndurable = true\nauto_delete = false\nexclusive = false\narguments = {}\nttl = 5",
+            ),
+            &["line 6", "[queues.\"w\"]: unknown field `ttl`"],
+        );
+        assert_contains(
+            &error("queues = [1]"),
+            &["queues must be a table, not a array"],
+        );
+        assert_contains(
+            &error("[queues]\nw = 1"),
+            &["[queues.\"w\"] must be a table"],
+        );
+    }
+
+    #[test]
+    fn bindings_need_an_exchange_and_an_array_of_routing_keys() {
+        assert_contains(
+            &error("[[bindings]]\nqueue = \"\"\n"),
+            &["binding #1 is missing exchange, routing_keys"],
+        );
+        assert_contains(
+            &error("[[bindings]]\nexchange = \"e\"\nrouting_keys = \"#\"\n"),
+            &[
+                "line 3, column 16",
+                "binding #1: routing_keys must be an array of strings",
+            ],
+        );
+        assert_contains(
+            &error("[[bindings]]\nexchange = \"e\"\nrouting_keys = [\"#\"]\nqueues = \"x\""),
+            &["binding #1: unknown field `queues`"],
+        );
+        assert_contains(
+            &error("[bindings]\nexchange = \"e\""),
+            &["bindings must be an array of tables"],
+        );
+        // A binding without a queue binds the server-named queue.
+        let c = parse("[[bindings]]\nexchange = \"e\"\nrouting_keys = []");
+        assert_eq!(c.bindings[0].queue, "");
+        assert!(c.bindings[0].routing_keys.is_empty());
+    }
+
+    #[test]
+    fn exchanges_are_validated_with_defaults_for_missing_settings() {
+        let c = parse("[exchanges.logs]\ntype = \"fanout\"\n[exchanges.\"a.b\"]\n");
+        assert_eq!(c.exchanges.len(), 2);
+        assert_eq!(c.exchanges[0].0, "logs");
+        assert_eq!(c.exchanges[0].1.kind, "fanout");
+        assert_eq!(c.exchanges[1].0, "a.b");
+        assert_eq!(c.exchanges[1].1.kind, "topic");
+        assert!(c.exchanges[1].1.durable);
+        assert_contains(
+            &error("[exchanges.x]\nkind = \"topic\""),
+            &["[exchanges.\"x\"]: unknown field `kind`"],
+        );
+    }
+
+    // ---- qos, tls, monitoring ----------------------------------------------------------------
+
+    #[test]
+    fn qos_and_tls_keys_left_out_take_their_defaults() {
+        let c = parse("[qos]\nprefetch_count = 1\n[tls]\nca_cert = \"/ca.pem\"\n");
+        assert_eq!(
+            c.qos,
+            Qos {
+                prefetch_size: 0,
+                prefetch_count: 1
+            }
+        );
+        assert_eq!(
+            c.tls,
+            Tls {
+                ca_cert: Some("/ca.pem".into()),
+                certfile: None,
+                keyfile: None
+            }
+        );
+        let c = parse("[qos]\nprefetch_size = 4294967295\n[tls]\ncertfile = \"\"");
+        assert_eq!(c.qos.prefetch_count, 10);
+        assert_eq!(c.qos.prefetch_size, u32::MAX);
+        assert_eq!(c.tls.certfile, None);
+    }
+
+    #[test]
+    fn qos_values_are_ranged_and_tables_reject_unknown_keys() {
+        assert_contains(
+            &error("[qos]\nprefetch_count = 65536"),
+            &[
+                "line 2, column 18",
+                "[qos] prefetch_count must be between 0 and 65535, not 65536",
+            ],
+        );
+        assert_contains(
+            &error("[qos]\nprefetch_size = -1"),
+            &["[qos] prefetch_size must be between 0 and 4294967295"],
+        );
+        assert_contains(
+            &error("[qos]\nprefetch = 1"),
+            &["[qos]: unknown field `prefetch`, expected `prefetch_size` or `prefetch_count`"],
+        );
+        assert_contains(
+            &error("[tls]\ncafile = \"x\""),
+            &["[tls]: unknown field `cafile`"],
+        );
+        assert_contains(&error("qos = 3"), &["[qos] must be a table, not a integer"]);
+    }
+
+    #[test]
+    fn monitoring_is_off_when_empty_and_needs_a_port_otherwise() {
+        assert_eq!(parse("[monitoring]\n").monitoring, None);
+        assert_eq!(
+            parse("[monitoring]\nport = 8070").monitoring,
+            Some(Monitoring {
+                address: String::new(),
+                port: 8070
+            })
+        );
+        assert_eq!(
+            parse("[monitoring]\naddress = \"127.0.0.1\"\nport = 0").monitoring,
+            Some(Monitoring {
+                address: "127.0.0.1".into(),
+                port: 0
+            })
+        );
+        assert_contains(
+            &error("[monitoring]\naddress = \"::1\"\n"),
+            &["the port must be defined in [monitoring] to activate it"],
+        );
+        assert_contains(
+            &error("[monitoring]\nport = 70000"),
+            &["[monitoring] port must be between 0 and 65535"],
+        );
+        assert_contains(
+            &error("[monitoring]\nport = 1\nhost = \"x\""),
+            &["[monitoring]: unknown field `host`"],
+        );
+    }
+
+    // ---- callbacks ---------------------------------------------------------------------------
+
+    #[test]
+    fn a_callback_string_is_a_python_target_or_a_plugin_path() {
+        assert_eq!(
+            parse_callback_string("pkg.mod:Consumer").unwrap(),
+            CallbackKind::Python {
+                target: "pkg.mod:Consumer".into(),
+                interpreter: "python3".into()
+            }
+        );
+        assert_eq!(
+            parse_callback_string("/usr/lib/fm/libx.so").unwrap(),
+            CallbackKind::Plugin {
+                path: "/usr/lib/fm/libx.so".into()
+            }
+        );
+        assert_eq!(
+            parse_callback_string("target/debug/libfm_printer.so").unwrap(),
+            CallbackKind::Plugin {
+                path: "target/debug/libfm_printer.so".into()
+            }
+        );
+        for bad in ["pkg.mod", "/usr/bin/prog", ""] {
+            let msg = format!("{:#}", parse_callback_string(bad).unwrap_err());
+            assert_contains(&msg, &["is neither a Python callback", "command = "]);
+        }
+        for bad in [
+            "pkg.mod:",
+            ":attr",
+            "pkg..mod:a",
+            "pkg.mod:a.b",
+            "a:b:c",
+            "1pkg:a",
+            "pkg-x:a",
+            "path/f.py:obj",
+        ] {
+            let msg = format!("{:#}", parse_callback_string(bad).unwrap_err());
+            assert_contains(&msg, &[&format!("python callback '{bad}' must look like")]);
+        }
+        assert_contains(
+            &error("callback = \"my_module\""),
+            &["line 1, column 12", "callback 'my_module' is neither"],
+        );
+        assert_contains(&error("callback = 3"), &["callback must be a string"]);
+    }
+
+    #[test]
+    fn a_callback_table_selects_a_plugin_a_command_or_python() {
+        let c = parse("[callback]\nplugin = \"/p/libx.so\"\nconcurrency = 4\non_error = \"drop\"");
+        assert_eq!(
+            c.callback.kind,
+            Some(CallbackKind::Plugin {
+                path: "/p/libx.so".into()
+            })
+        );
+        assert_eq!(c.callback.concurrency, 4);
+        assert_eq!(c.callback.on_error, OnError::Drop);
+
+        let c = parse(
+            "[callback]\ncommand = [\"/bin/cat\", \"-u\"]\ntimeout = 1.5\nmax_redeliveries = 3",
+        );
+        assert_eq!(
+            c.callback.kind,
+            Some(CallbackKind::Command {
+                argv: vec!["/bin/cat".into(), "-u".into()],
+                mode: CommandMode::Exec
+            })
+        );
+        assert_eq!(c.callback.timeout, Some(Duration::from_millis(1500)));
+        assert_eq!(c.callback.max_redeliveries, Some(3));
+        assert_eq!(c.callback.on_error, OnError::Halt);
+
+        let c = parse("[callback]\ncommand = [\"w\"]\nmode = \"worker\"\non_error = \"requeue\"");
+        assert_eq!(
+            c.callback.kind,
+            Some(CallbackKind::Command {
+                argv: vec!["w".into()],
+                mode: CommandMode::Worker
+            })
+        );
+        assert_eq!(c.callback.on_error, OnError::Requeue);
+
+        let c = parse(
+            "[callback]\npython = \"a.b:c\"\ninterpreter = \"/venv/bin/python\"\ntimeout = 60",
+        );
+        assert_eq!(
+            c.callback.kind,
+            Some(CallbackKind::Python {
+                target: "a.b:c".into(),
+                interpreter: "/venv/bin/python".into()
+            })
+        );
+        assert_eq!(c.callback.timeout, Some(Duration::from_secs(60)));
+
+        // Settings without a kind: the callback comes from --callback.
+        let c = parse("[callback]\nconcurrency = 2");
+        assert_eq!(c.callback.kind, None);
+        assert_eq!(c.callback.concurrency, 2);
+    }
+
+    #[test]
+    fn bad_callback_tables_are_refused_with_the_reason() {
+        let cases: &[(&str, &str)] = &[
+            (
+                "plugin = \"/a.so\"\npython = \"a:b\"",
+                "sets plugin and python; choose exactly one",
+            ),
+            (
+                "command = [\"x\"]\npython = \"a:b\"",
+                "sets command and python",
+            ),
+            (
+                "plugin = \"/a.dll\"",
+                "plugin '/a.dll' must be the path of a .so file",
+            ),
+            ("command = []", "command must be a non-empty array"),
+            ("command = [\"\"]", "command must be a non-empty array"),
+            (
+                "command = \"/bin/x\"",
+                "[callback] command: invalid type: string \"/bin/x\", expected a sequence",
+            ),
+            (
+                "command = [\"x\"]\nmode = \"daemon\"",
+                "mode 'daemon' is unknown; use \"exec\" or \"worker\"",
+            ),
+            (
+                "python = \"a:b\"\nmode = \"worker\"",
+                "mode applies only to command callbacks",
+            ),
+            (
+                "plugin = \"/a.so\"\ninterpreter = \"python3\"",
+                "interpreter applies only to python callbacks",
+            ),
+            (
+                "python = \"a:b\"\ninterpreter = \"\"",
+                "interpreter is empty",
+            ),
+            (
+                "python = \"a/b.py\"",
+                "python callback 'a/b.py' must look like",
+            ),
+            (
+                "plugin = \"/a.so\"\ntimeout = 5",
+                "a plugin runs in-process and cannot be interrupted",
+            ),
+            (
+                "command = [\"x\"]\ntimeout = 0",
+                "timeout must be a number of seconds greater than 0, not 0",
+            ),
+            (
+                "command = [\"x\"]\ntimeout = -2.5",
+                "greater than 0, not -2.5",
+            ),
+            (
+                "command = [\"x\"]\nconcurrency = 0",
+                "concurrency must be between 1 and 65535, not 0",
+            ),
+            (
+                "command = [\"x\"]\non_error = \"ignore\"",
+                "on_error 'ignore' is unknown",
+            ),
+            (
+                "command = [\"x\"]\nmax_redeliveries = -1",
+                "max_redeliveries must be 0 or more",
+            ),
+            (
+                "command = [\"x\"]\nretries = 3",
+                "[callback]: unknown field `retries`",
+            ),
+        ];
+        for (body, expected) in cases {
+            let msg = error(&format!("[callback]\n{body}\n"));
+            assert_contains(&msg, &[expected]);
+        }
+    }
+
+    // ---- log_config ---------------------------------------------------------------------------
+
+    #[test]
+    fn log_config_levels_are_read_and_the_rest_ignored() {
+        let c = parse(
+            r#"
+            [log_config]
+            version = 1
+            [log_config.handlers.console]
+            class = "logging.StreamHandler"
+            [log_config.loggers.app]
+            level = 10
+            [log_config.loggers.quiet]
+            level = "NOTSET"
+            [log_config.loggers.nolevel]
+            propagate = false
+            "#,
+        );
+        assert_eq!(c.log_config.root, LevelFilter::WARN);
+        assert_eq!(
+            c.log_config.loggers,
+            [("app".to_owned(), LevelFilter::DEBUG)]
+        );
+        assert_contains(
+            &error("[log_config.root]\nlevel = \"LOUD\""),
+            &["[log_config.root] level 'LOUD' is not a Python logging level"],
+        );
+        assert_contains(
+            &error("[log_config.loggers.x]\nlevel = true"),
+            &["[log_config.loggers.\"x\"] level (a boolean) is not a Python logging level"],
+        );
+    }
+
+    // ---- overrides -----------------------------------------------------------------------------
+
+    #[test]
+    fn overrides_follow_fedora_messaging_consume() {
+        let mut c = Config::default();
+        c.apply_overrides(&Overrides {
+            app_name: Some("my-app".into()),
+            queue_name: Some("named".into()),
+            routing_keys: vec!["a.b".into(), "c.#".into()],
+            exchange: Some("ex".into()),
+            callback: Some("/x/libp.so".into()),
+        })
+        .unwrap();
+        assert_eq!(str_prop(&c, "app"), "my-app");
+        // The named queue takes the settings of the "" queue.
+        assert_eq!(
+            c.queues,
+            [("named".to_owned(), Config::default().queues[0].1.clone())]
+        );
+        assert_eq!(
+            c.bindings,
+            [Binding {
+                queue: "named".into(),
+                exchange: "ex".into(),
+                routing_keys: vec!["a.b".into(), "c.#".into()],
+                arguments: Map::new(),
+            }]
+        );
+        assert_eq!(
+            c.callback.kind,
+            Some(CallbackKind::Plugin {
+                path: "/x/libp.so".into()
+            })
+        );
+
+        let mut c = Config::default();
+        c.apply_overrides(&Overrides::default()).unwrap();
+        assert_eq!(c, Config::default());
+    }
+
+    #[test]
+    fn queue_name_retargets_ignored_bindings_too() {
+        let mut c = Config::load(Some(&fixture("good_conf.toml"))).unwrap();
+        c.apply_overrides(&Overrides {
+            queue_name: Some("q".into()),
+            ..Overrides::default()
+        })
+        .unwrap();
+        assert_eq!(c.queues[0].0, "q");
+        assert_eq!(c.bindings.len(), 1);
+        assert_eq!(
+            (
+                c.bindings[0].queue.as_str(),
+                c.bindings[0].exchange.as_str()
+            ),
+            ("q", "e")
+        );
+        assert!(c.ignored_bindings.is_empty());
+    }
+
+    #[test]
+    fn queue_name_without_a_server_named_queue() {
+        // One named queue: fm uses its settings (fedora-messaging would raise a KeyError).
+        let one =
+            "[queues.a]\ndurable = true\nauto_delete = false\nexclusive = false\narguments = {}\n";
+        let mut c = parse(one);
+        c.apply_overrides(&Overrides {
+            queue_name: Some("b".into()),
+            ..Overrides::default()
+        })
+        .unwrap();
+        assert_eq!(c.queues.len(), 1);
+        assert_eq!(c.queues[0].0, "b");
+        assert!(c.queues[0].1.durable);
+
+        let two = format!(
+            "{one}[queues.z]\ndurable = true\nauto_delete = false\nexclusive = false\narguments = {{}}\n"
+        );
+        let mut c = parse(&two);
+        let err = c
+            .apply_overrides(&Overrides {
+                queue_name: Some("b".into()),
+                ..Overrides::default()
+            })
+            .unwrap_err();
+        assert_eq!(exit_code_of(&err), code::USAGE);
+        assert_contains(
+            &format!("{err:#}"),
+            &["--queue-name b: test.toml defines 2 queues ('a', 'z') and none named \"\""],
+        );
+    }
+
+    #[test]
+    fn a_callback_override_keeps_the_configured_interpreter_and_is_checked() {
+        let mut c =
+            parse("[callback]\npython = \"a:b\"\ninterpreter = \"/venv/python\"\ntimeout = 3");
+        c.apply_overrides(&Overrides {
+            callback: Some("c.d:e".into()),
+            ..Overrides::default()
+        })
+        .unwrap();
+        assert_eq!(
+            c.callback.kind,
+            Some(CallbackKind::Python {
+                target: "c.d:e".into(),
+                interpreter: "/venv/python".into()
+            })
+        );
+        for (bad, expected) in [
+            ("nonsense", "--callback: callback 'nonsense' is neither"),
+            ("/p.so", "which a plugin cannot honour"),
+        ] {
+            let err = c
+                .apply_overrides(&Overrides {
+                    callback: Some(bad.into()),
+                    ..Overrides::default()
+                })
+                .unwrap_err();
+            assert_eq!(exit_code_of(&err), code::USAGE);
+            assert_contains(&format!("{err:#}"), &[expected]);
+        }
+    }
+
+    // ---- lookup --------------------------------------------------------------------------------
+
+    #[test]
+    fn lookup_prefers_the_explicit_path_then_the_environment_then_etc() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.toml");
+        let b = dir.path().join("b.toml");
+        std::fs::write(&a, "topic_prefix = \"a\"").unwrap();
+        std::fs::write(&b, "topic_prefix = \"b\"").unwrap();
+        let missing = dir.path().join("missing.toml");
+
+        let c = Config::load_from(Some(&a), Some(&b), &b).unwrap();
+        assert_eq!(
+            (c.topic_prefix.as_str(), c.path.as_deref()),
+            ("a", Some(a.as_path()))
+        );
+        let c = Config::load_from(None, Some(&b), &a).unwrap();
+        assert_eq!(c.topic_prefix, "b");
+        let c = Config::load_from(None, None, &a).unwrap();
+        assert_eq!(c.topic_prefix, "a");
+        // An empty variable counts as unset.
+        let c = Config::load_from(None, Some(Path::new("")), &a).unwrap();
+        assert_eq!(c.topic_prefix, "a");
+        // A missing default file means the defaults.
+        assert_eq!(
+            Config::load_from(None, None, &missing).unwrap(),
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn an_explicit_or_environment_path_must_be_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("missing.toml");
+        for (explicit, env, from) in [
+            (Some(missing.as_path()), None, "--config"),
+            (None, Some(missing.as_path()), "FEDORA_MESSAGING_CONF"),
+            (Some(dir.path()), None, "--config"),
+        ] {
+            let err = Config::load_from(explicit, env, Path::new("/nonexistent")).unwrap_err();
+            assert_eq!(exit_code_of(&err), code::USAGE);
+            let path = explicit.or(env).unwrap();
+            assert_eq!(
+                format!("{err:#}"),
+                format!(
+                    "{} is not a file (from {from}); give the path of a TOML configuration file",
+                    path.display()
+                )
+            );
+        }
+        // A default path that exists but is not a file is an error too.
+        let err = Config::load_from(None, None, dir.path()).unwrap_err();
+        assert_contains(
+            &format!("{err:#}"),
+            &["is not a file (from the default location)"],
+        );
+    }
+
+    #[test]
+    fn line_and_column_count_characters() {
+        assert_eq!(line_col("abc", 0), (1, 1));
+        assert_eq!(line_col("a\nbc", 3), (2, 2));
+        assert_eq!(line_col("é\nxé=", 6), (2, 3));
+        assert_eq!(line_col("é\nxé=", 5), (2, 2)); // inside a character: its start
+        assert_eq!(line_col("ab", 99), (1, 3));
+    }
 }

@@ -39,7 +39,7 @@ use crate::config::Config;
 use crate::error::{Exit, code};
 use crate::message::Received;
 use crate::shutdown::Shutdown;
-use crate::stats::Stats;
+use crate::stats::{Counter, Stats};
 
 /// The first pause before reconnecting; doubled after each failure, up to [`BACKOFF_MAX`].
 const BACKOFF_START: Duration = Duration::from_secs(1);
@@ -58,6 +58,56 @@ pub struct Context {
     pub stats: Arc<Stats>,
     /// The process-wide stop.
     pub shutdown: Shutdown,
+    /// fm's own count of redeliveries per message id, for `max_redeliveries`.
+    pub redeliveries: Redeliveries,
+}
+
+/// How often each message has been redelivered, for `[callback] max_redeliveries`.
+///
+/// RabbitMQ counts deliveries itself on quorum queues (`x-delivery-count`); on classic queues
+/// fm counts the redeliveries it sees per message id while it runs. The table is bounded: when
+/// full it is cleared, which at worst lets a poison message loop a few more times.
+#[derive(Default)]
+pub struct Redeliveries {
+    seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
+}
+
+/// The most message ids [`Redeliveries`] remembers.
+const REDELIVERIES_MAX_IDS: usize = 100_000;
+
+impl Redeliveries {
+    /// How many times this delivery's message was delivered before.
+    fn count(&self, delivery: &Delivery, id: Option<&str>) -> u64 {
+        let from_broker = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|h| h.inner().get("x-delivery-count"))
+            .and_then(|v| crate::message::amqp_to_json(v).as_u64());
+        if let Some(n) = from_broker {
+            return n;
+        }
+        let (Some(id), true) = (id, delivery.redelivered) else {
+            return 0;
+        };
+        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+        if seen.len() >= REDELIVERIES_MAX_IDS && !seen.contains_key(id) {
+            seen.clear();
+        }
+        let n = seen.entry(id.to_owned()).or_insert(0);
+        *n += 1;
+        *n
+    }
+
+    /// The message is settled for good: stop counting it.
+    fn forget(&self, id: Option<&str>) {
+        if let Some(id) = id {
+            self.seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(id);
+        }
+    }
 }
 
 /// Consume until a stop is asked for (signal, `Halt`, failure) or a fatal error.
@@ -90,6 +140,7 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<u8> {
         let started = Instant::now();
         let end = session(&ctx, &connected, &permits).await;
         ctx.stats.set_consuming(false);
+        ctx.stats.set_broker(None);
         match end {
             End::Stopped => {
                 close_connection(&connected).await;
@@ -146,6 +197,7 @@ enum LoopEnd {
 async fn session(ctx: &Arc<Context>, connected: &Connected, permits: &Arc<Semaphore>) -> End {
     let conn = &connected.connection;
     let vhost = connected.vhost.as_str();
+    ctx.stats.set_broker(Some(&connected.url));
     let queues = match declare_all(ctx, conn, vhost).await {
         Ok(q) => q,
         Err(err) => return classify(err),
@@ -155,7 +207,10 @@ async fn session(ctx: &Arc<Context>, connected: &Connected, permits: &Arc<Semaph
     let mut consumers: Vec<(Channel, Consumer, DeclaredQueue)> = Vec::with_capacity(queues.len());
     for queue in queues {
         match register(ctx, conn, &queue, prefetch).await {
-            Ok((channel, consumer)) => consumers.push((channel, consumer, queue)),
+            Ok((channel, consumer)) => {
+                ctx.stats.register_queue(&queue.name, &queue.configured);
+                consumers.push((channel, consumer, queue));
+            }
             Err(err) => return classify(err),
         }
     }
@@ -181,6 +236,9 @@ async fn session(ctx: &Arc<Context>, connected: &Connected, permits: &Arc<Semaph
             tracker.clone(),
         ));
     }
+    // systemd's watchdog is fed only while this tick finds these consumers healthy.
+    let probed = consumers.iter().map(|(c, _, q)| (c.clone(), q.name.clone())).collect();
+    crate::notify::start_health_tick(conn, probed, Arc::clone(&ctx.stats), stop.clone()).await;
     let mut end = None;
     while let Some(result) = loops.join_next().await {
         let this = match result {
@@ -379,41 +437,60 @@ async fn handle_delivery(
             Ok(r) => Arc::new(r),
             Err(invalid) => {
                 tracing::warn!("{invalid}; dropping it");
-                Stats::bump(&ctx.stats.dropped);
+                ctx.stats.count(&queue, Counter::Invalid);
                 settle(&delivery, Settle::Nack { requeue: false }).await;
                 return;
             }
         };
-        Stats::bump(&ctx.stats.received);
+        ctx.stats.count(&queue, Counter::Received);
         let topic = received.message.topic.clone();
         let id = received.id_for_log().to_owned();
+        if let Some(max) = ctx.config.callback.max_redeliveries {
+            let count = ctx.redeliveries.count(&delivery, received.message.id.as_deref());
+            if count > u64::from(max) {
+                tracing::warn!(
+                    "message {id} (topic {topic}) was redelivered {count} times, more than \
+                     max_redeliveries = {max}: dropping it (dead-lettered if queue '{queue}' \
+                     has a dead-letter exchange)"
+                );
+                settle(&delivery, Settle::Nack { requeue: false }).await;
+                ctx.stats.count(&queue, Counter::Dropped);
+                ctx.redeliveries.forget(received.message.id.as_deref());
+                return;
+            }
+        }
         tracing::info!("Consuming message from topic {topic} (message id {id})");
         ctx.stats.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let received_id = received.message.id.clone();
+        let started = Instant::now();
         let outcome = ctx.handler.handle(received).await;
+        ctx.stats.observe_callback(&queue, started.elapsed());
         ctx.stats.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         match outcome {
             Outcome::Ack => {
+                ctx.redeliveries.forget(received_id.as_deref());
                 settle(&delivery, Settle::Ack).await;
-                Stats::bump(&ctx.stats.processed);
+                ctx.stats.count(&queue, Counter::Processed);
                 tracing::info!("Successfully consumed message from topic {topic} (message id {id})");
             }
             Outcome::Nack => {
                 tracing::info!("Returning message id {id} to the queue");
                 settle(&delivery, Settle::Nack { requeue: true }).await;
-                Stats::bump(&ctx.stats.rejected);
+                ctx.stats.count(&queue, Counter::Rejected);
             }
             Outcome::Drop => {
+                ctx.redeliveries.forget(received_id.as_deref());
                 tracing::info!("Consumer requested message id {id} be dropped");
                 settle(&delivery, Settle::Nack { requeue: false }).await;
-                Stats::bump(&ctx.stats.dropped);
+                ctx.stats.count(&queue, Counter::Dropped);
             }
             Outcome::Halt { exit_code, requeue, reason } => {
                 if requeue {
                     settle(&delivery, Settle::Nack { requeue: true }).await;
-                    Stats::bump(&ctx.stats.rejected);
+                    ctx.stats.count(&queue, Counter::Rejected);
                 } else {
                     settle(&delivery, Settle::Ack).await;
-                    Stats::bump(&ctx.stats.processed);
+                    ctx.stats.count(&queue, Counter::Processed);
                 }
                 let code = halt_code(exit_code);
                 let reason = reason.unwrap_or_else(|| "the callback asked to halt".into());
@@ -430,7 +507,7 @@ async fn handle_delivery(
             Outcome::Fail(err) => {
                 tracing::error!("the callback failed on message {id} (topic {topic}): {err}");
                 settle(&delivery, Settle::Nack { requeue: true }).await;
-                Stats::bump(&ctx.stats.failed);
+                ctx.stats.count(&queue, Counter::Failed);
                 ctx.shutdown.trigger(
                     code::CALLBACK_FAILED,
                     format!(

@@ -45,6 +45,8 @@ pub struct Exit {
 
 impl Exit {
     /// Wrap `err` so that the process exits with `code`.
+    // Returns the wrapped `anyhow::Error`, which is what every caller wants to propagate.
+    #[allow(clippy::new_ret_no_self)]
     pub fn new(code: u8, err: impl Into<anyhow::Error>) -> anyhow::Error {
         anyhow::Error::new(Exit {
             code,

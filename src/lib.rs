@@ -7,21 +7,29 @@
 //! - [`message`]: the message model, the AMQP wire format and the record-file JSON.
 //! - [`amqp`]: connecting (URLs, TLS, failover), declaring queues and bindings, broker errors.
 //! - [`consume`]: deliveries → callback → ack/nack, reconnection, the graceful stop.
+//! - [`publish`]: `fm publish`, pipelined with publisher confirms; [`record`]: `fm record`.
 //! - [`callback`]: what messages are handed to (native plugins, commands, workers, Python).
 //! - [`shutdown`]: the one stop path every loop listens to; [`stats`]: shared counters.
 //! - [`error`]: exit codes; only `main` turns an error into one.
 //! - [`logging`]: tracing to stderr, levels from `log_config`, `-v`/`-q` and `FM_LOG`.
+//! - Operations: [`monitor`] (HTTP `/live`, `/ready`, `/metrics`), [`notify`] (systemd
+//!   readiness, status and watchdog), [`check`] (`fm check`).
 
 #![deny(unsafe_code)]
 
 pub mod amqp;
 pub mod callback;
+pub mod check;
 pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod error;
 pub mod logging;
 pub mod message;
+pub mod monitor;
+pub mod notify;
+pub mod publish;
+pub mod record;
 pub mod shutdown;
 pub mod stats;
 
@@ -49,6 +57,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
     let verbosity = cli.verbosity();
+    // Log from the start (the loader reports ignored bindings, defaults used…); the
+    // configuration's levels replace these once it is loaded.
+    logging::init_default(verbosity);
+    if let Command::Completions(args) = &cli.command {
+        // No configuration needed (or wanted: a broken one must not break completions).
+        cli::print_completions(args.shell);
+        return Ok(error::code::OK);
+    }
     let mut config = Config::load(cli.config.as_deref())?;
     logging::init(&config.log_config, verbosity);
     match cli.command {
@@ -56,21 +72,66 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             config.apply_overrides(&args.overrides())?;
             consume_with(Arc::new(config)).await
         }
+        Command::Check(args) => {
+            config.apply_overrides(&args.overrides())?;
+            check::run(&config).await
+        }
+        Command::Completions(_) => unreachable!("handled before loading the configuration"),
+        Command::Publish(args) => publish::run(&config, &args).await,
+        Command::Record(args) => {
+            config.apply_overrides(&args.overrides())?;
+            record::run(config, &args, verbosity).await
+        }
     }
 }
 
 /// `fm consume`: build the callback, consume until stopped, shut the callback down.
 async fn consume_with(config: Arc<Config>) -> anyhow::Result<u8> {
-    let handler = Arc::new(callback::Handler::build(&config).await?);
+    // Made first: workers that keep crashing stop fm through it.
     let shutdown = shutdown::Shutdown::new();
+    let handler = callback::Handler::build(&config, &shutdown).await?;
+    consume_until_stopped(config, handler, shutdown).await
+}
+
+/// Consume with a ready callback until stopped, then shut the callback down (`fm consume`,
+/// `fm record`).
+pub async fn consume_with_handler(
+    config: Arc<Config>,
+    handler: callback::Handler,
+) -> anyhow::Result<u8> {
+    consume_until_stopped(config, handler, shutdown::Shutdown::new()).await
+}
+
+async fn consume_until_stopped(
+    config: Arc<Config>,
+    handler: callback::Handler,
+    shutdown: shutdown::Shutdown,
+) -> anyhow::Result<u8> {
+    let handler = Arc::new(handler);
     shutdown::on_signals(shutdown.clone()).context("installing signal handlers")?;
+    let stats = Arc::new(stats::Stats::default());
+    let monitor = match &config.monitoring {
+        Some(m) => Some(monitor::start(m, Arc::clone(&stats)).await?),
+        None => None,
+    };
+    let targets = config.amqp_urls.iter().map(|u| amqp::url::redact(u));
+    let notifier = notify::start(
+        Arc::clone(&stats),
+        shutdown.clone(),
+        targets.collect::<Vec<_>>().join(", "),
+    );
     let ctx = Arc::new(consume::Context {
         config,
         handler: Arc::clone(&handler),
-        stats: Arc::new(stats::Stats::default()),
+        stats,
         shutdown,
+        redeliveries: consume::Redeliveries::default(),
     });
     let result = consume::run(ctx).await;
+    if let Some(notifier) = notifier {
+        notifier.finish().await;
+    }
     handler.shutdown().await;
+    drop(monitor);
     result
 }

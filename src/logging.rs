@@ -68,9 +68,8 @@ pub fn init(log_config: &LogConfig, verbosity: i8) {
     } else {
         let (filter, handle) = reload::Layer::new(filter);
         let journal = std::env::var_os("JOURNAL_STREAM").is_some();
-        let ansi = !journal
-            && std::env::var_os("NO_COLOR").is_none()
-            && std::io::stderr().is_terminal();
+        let ansi =
+            !journal && std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
         let installed = tracing_subscriber::registry()
             .with(filter)
             .with(journal.then(|| stderr_layer(ansi).without_time()))
@@ -82,13 +81,18 @@ pub fn init(log_config: &LogConfig, verbosity: i8) {
             let _ = HANDLE.set(handle);
         }
     }
-    if let Some(e) = bad_env {
+    static WARNED: OnceLock<()> = OnceLock::new();
+    if let Some(e) = bad_env
+        && WARNED.set(()).is_ok()
+    {
         tracing::warn!("ignoring {ENV_LOG}={wanted:?}: {e}; using the configured log levels");
     }
 }
 
 /// A formatting layer writing to stderr.
-fn stderr_layer<S>(ansi: bool) -> fmt::Layer<S, fmt::format::DefaultFields, fmt::format::Format, StderrFn>
+fn stderr_layer<S>(
+    ansi: bool,
+) -> fmt::Layer<S, fmt::format::DefaultFields, fmt::format::Format, StderrFn>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
@@ -117,10 +121,7 @@ pub fn directives(log_config: &LogConfig, verbosity: i8, fm_log: Option<&str>) -
 
     // A Python logger without its own level inherits the root's; so does fm.
     let fm = level("fedora_messaging").unwrap_or(log_config.root);
-    out.push(format!(
-        "{FM_TARGET}={}",
-        level_name(adjust(fm, verbosity))
-    ));
+    out.push(format!("{FM_TARGET}={}", level_name(adjust(fm, verbosity))));
 
     if let Some(amqp) = AMQP_LOGGERS.iter().filter_map(|n| level(n)).max() {
         for target in AMQP_TARGETS {
@@ -290,9 +291,15 @@ mod tests {
 
     #[test]
     fn callback_targets_follow_the_python_hierarchy_and_stay_parseable() {
-        assert_eq!(callback_target("example_printer"), "fm::callback::example_printer");
+        assert_eq!(
+            callback_target("example_printer"),
+            "fm::callback::example_printer"
+        );
         assert_eq!(callback_target("a.b.c"), "fm::callback::a::b::c");
-        assert_eq!(callback_target("odd name=x,y"), "fm::callback::odd_name_x_y");
+        assert_eq!(
+            callback_target("odd name=x,y"),
+            "fm::callback::odd_name_x_y"
+        );
         EnvFilter::try_new(format!("{}=debug", callback_target("odd name=[x],y"))).unwrap();
     }
 }

@@ -288,38 +288,24 @@ impl Received {
             topic: topic.to_owned(),
             reason,
         };
-        let shown_id = id.as_deref().unwrap_or("<none>");
+        // The message id and topic are on the caller's span ("message{queue, topic, id}").
         let headers = match props.headers() {
             Some(table) => field_table_to_json(table),
             None => {
-                tracing::warn!(
-                    message_id = shown_id,
-                    topic,
-                    "message arrived without headers: a publisher is misbehaving"
-                );
+                tracing::warn!("message arrived without headers: a publisher is misbehaving");
                 Map::new()
             }
         };
         if !headers.contains_key(SCHEMA_HEADER) {
-            tracing::warn!(
-                message_id = shown_id,
-                topic,
-                "message arrived without a schema header: a publisher is misbehaving"
-            );
+            tracing::warn!("message arrived without a schema header: a publisher is misbehaving");
         }
         if !headers.contains_key(SEVERITY_HEADER) {
             tracing::warn!(
-                message_id = shown_id,
-                topic,
                 "message arrived without a severity: a publisher is misbehaving; defaulting to INFO"
             );
         }
         match props.content_encoding().as_ref().map(|e| e.as_str()) {
-            None => tracing::warn!(
-                message_id = shown_id,
-                topic,
-                "message arrived without a content encoding; assuming utf-8"
-            ),
+            None => tracing::warn!("message arrived without a content encoding; assuming utf-8"),
             Some(enc) if is_utf8_name(enc) => {}
             Some(enc) => {
                 return Err(invalid(format!(
@@ -465,7 +451,8 @@ pub fn field_table_to_json(table: &FieldTable) -> Map<String, Value> {
         .collect()
 }
 
-fn amqp_to_json(v: &AMQPValue) -> Value {
+/// One AMQP value as JSON (see [`field_table_to_json`]).
+pub fn amqp_to_json(v: &AMQPValue) -> Value {
     match v {
         AMQPValue::Boolean(b) => Value::Bool(*b),
         AMQPValue::ShortShortInt(i) => Value::from(*i),

@@ -139,7 +139,8 @@ fm_ensure_pki() {
 	local tmp=$FM_PKI.tmp.$$
 	rm -rf "$tmp"
 	mkdir -p "$tmp"
-	(fm_make_pki "$tmp") || {
+	# A separate bash, so `set -e` holds inside (it is ignored in a function called from `||`).
+	bash -c 'set -e; . "$0"; fm_make_pki "$1"' "${BASH_SOURCE[0]}" "$tmp" || {
 		rm -rf "$tmp"
 		fm_die "generating TLS material failed (see the openssl output above)"
 	}
@@ -148,10 +149,9 @@ fm_ensure_pki() {
 }
 
 fm_make_pki() {
-	set -e
 	local d=$1
 	umask 077
-	cd "$d"
+	cd "$d" || return 1
 	cat >openssl.cnf <<'EOF'
 [req]
 distinguished_name = dn
@@ -341,16 +341,28 @@ broker_ctl() {
 }
 
 # The Erlang VM's pid when node NAME runs, else nothing (status 1). Checked through /proc, no CLI:
-# the pid file must name a live process whose command line carries this node's name.
+# the pid file must name a live process whose environment carries this node's name (the command
+# line does not: RabbitMQ 3.10 names its node at boot, from RABBITMQ_NODENAME).
 fm_beam_pid() {
-	local dir pid node
+	local dir pid
 	dir=$(fm_node_dir "$1")
-	node=fm-$1@localhost
 	[[ -s $dir/rabbitmq.pid ]] || return 1
 	pid=$(<"$dir/rabbitmq.pid")
-	[[ $pid =~ ^[0-9]+$ && -r /proc/$pid/cmdline ]] || return 1
-	tr '\0' ' ' <"/proc/$pid/cmdline" | grep -qF -- " $node " || return 1
+	[[ $pid =~ ^[0-9]+$ ]] || return 1
+	fm_pid_has_env "$pid" "RABBITMQ_NODENAME=fm-$1@localhost" || return 1
 	echo "$pid"
+}
+
+fm_pid_has_env() { # PID VAR=VALUE
+	{ tr '\0' '\n' <"/proc/$1/environ"; } 2>/dev/null | grep -qxF -- "$2"
+}
+
+# A process that exists and is not a zombie (an exited launcher waits a moment for init to reap it).
+fm_alive() {
+	local line
+	{ read -r line <"/proc/$1/stat"; } 2>/dev/null || return 1
+	line=${line##*) }
+	[[ ${line:0:1} != Z ]]
 }
 
 broker_running() { fm_beam_pid "$1" >/dev/null; }
@@ -401,9 +413,45 @@ EOF
 	fi
 }
 
-broker_start() {
-	local name=${1:?broker_start NAME}
+# Creates the node's folder with its node.env: free ports, chosen under a lock so nodes started in
+# parallel never pick the same one.
+fm_allocate_node() {
+	local name=$1 dir fd ports reserved amqp amqps dist
+	dir=$(fm_node_dir "$name")
+	exec {fd}>"$(fm_nodes_dir)/.ports.lock"
+	flock "$fd"
+	reserved=$(fm_reserved_ports)
+	# shellcheck disable=SC2086
+	ports=$(fm_free_ports 3 $reserved) || fm_die "cannot find free ports for fm-$name@localhost"
+	mkdir -p "$dir"
+	read -r amqp amqps dist <<<"$ports"
+	printf 'NODE=%s\nAMQP_PORT=%s\nAMQPS_PORT=%s\nDIST_PORT=%s\n' "fm-$name@localhost" "$amqp" "$amqps" "$dist" \
+		>"$dir/node.env.tmp"
+	mv "$dir/node.env.tmp" "$dir/node.env"
+	if [[ -n ${FM_TEST_OWNER_PID:-} ]]; then echo "$FM_TEST_OWNER_PID" >"$dir/owner.pid"; fi
+	exec {fd}>&-
+}
+
+# Per-node lock, so two callers (a test restarting the node, a developer) never start or stop the
+# same node at once. Released when the command ends.
+fm_with_node_lock() { # NAME COMMAND ARGS...
+	local name=$1 fd rc
 	fm_check_name "$name"
+	exec {fd}>"$(fm_nodes_dir)/.$name.lock"
+	flock "$fd"
+	# Not `|| rc=$?`: that would switch off `set -e` inside the command.
+	"${@:2}"
+	rc=$?
+	exec {fd}>&-
+	return "$rc"
+}
+
+broker_start() { fm_with_node_lock "${1:?broker_start NAME}" fm_start_node "$1"; }
+broker_stop() { fm_with_node_lock "${1:?broker_stop NAME}" fm_stop_node "$1"; }
+broker_destroy() { fm_with_node_lock "${1:?broker_destroy NAME}" fm_destroy_node "$1"; }
+
+fm_start_node() {
+	local name=$1
 	local dir node t0=$SECONDS
 	dir=$(fm_node_dir "$name")
 	node=fm-$name@localhost
@@ -412,27 +460,21 @@ broker_start() {
 		return 0
 	fi
 	[[ -f $FM_PKI/server.pem ]] || fm_die "no TLS material in $FM_PKI: run fm_ensure_pki first"
-	if [[ ! -f $dir/node.env ]]; then
-		local ports reserved
-		reserved=$(fm_reserved_ports)
-		# shellcheck disable=SC2086
-		ports=$(fm_free_ports 3 $reserved) || fm_die "cannot find free ports for $node"
-		mkdir -p "$dir"
-		set -- $ports
-		printf 'NODE=%s\nAMQP_PORT=%s\nAMQPS_PORT=%s\nDIST_PORT=%s\n' "$node" "$1" "$2" "$3" >"$dir/node.env"
-		[[ -n ${FM_TEST_OWNER_PID:-} ]] && echo "$FM_TEST_OWNER_PID" >"$dir/owner.pid"
-	fi
+	[[ -f $dir/node.env ]] || fm_allocate_node "$name"
 	local NODE AMQP_PORT AMQPS_PORT DIST_PORT
 	fm_load_node "$name"
 	fm_write_node_files "$name"
 	rm -f "$dir/rabbitmq.pid"
 	fm_phase "broker: starting $node (amqp $AMQP_PORT, amqps $AMQPS_PORT, dist $DIST_PORT, in $dir)"
-	# setsid: the node gets its own session and process group (the launcher's pid), so broker_stop
-	# can kill exactly this node's processes and nothing else; it also outlives the caller, which
-	# lets a test restart its node through scripts/broker. All three standard streams are
-	# redirected so no caller's pipe is held open by the node.
+	# setsid: the node leaves the caller's session, so it outlives the caller (a test restarts its
+	# node through scripts/broker) and no terminal signal reaches it. The standard streams are
+	# redirected and other descriptors closed, so the node holds no caller's pipe or lock open.
 	(
 		unset NOTIFY_SOCKET RABBITMQ_ALLOW_INPUT
+		for fd in "/proc/$BASHPID/fd"/*; do
+			fd=${fd##*/}
+			((fd > 2)) && eval "exec $fd>&-" 2>/dev/null
+		done
 		export RABBITMQ_NODENAME=$NODE RABBITMQ_USE_LONGNAME=false \
 			RABBITMQ_NODE_PORT=$AMQP_PORT RABBITMQ_DIST_PORT=$DIST_PORT \
 			RABBITMQ_CONFIG_FILE=$dir/rabbitmq.conf RABBITMQ_ADVANCED_CONFIG_FILE=$dir/advanced.config \
@@ -446,13 +488,13 @@ broker_start() {
 	# and blocks while it boots. Give up when the launcher dies (a bad config, a taken port).
 	local deadline=$((SECONDS + ${FM_BROKER_START_TIMEOUT:-90}))
 	until broker_ctl "$name" -q await_startup --timeout 30 >/dev/null 2>&1; do
-		if ! kill -0 "$(<"$dir/launcher.pid")" 2>/dev/null; then
+		if ! fm_alive "$(<"$dir/launcher.pid")"; then
 			fm_node_log_tail "$name"
 			fm_die "node $node exited during start (logs: $dir/log)"
 		fi
 		if ((SECONDS >= deadline)); then
 			fm_node_log_tail "$name"
-			broker_stop "$name"
+			fm_stop_node "$name"
 			fm_die "node $node did not start within ${FM_BROKER_START_TIMEOUT:-90}s (logs: $dir/log)"
 		fi
 		sleep 0.5
@@ -460,10 +502,11 @@ broker_start() {
 	if [[ ! -f $dir/users.done ]]; then
 		# fm-client authenticates with its certificate (EXTERNAL, CN=fm-client): it gets a random
 		# password that is cleared at once, so PLAIN can never log it in.
-		broker_ctl "$name" -q add_user fm-client "$(openssl rand -hex 16)" >/dev/null &&
-			broker_ctl "$name" -q clear_password fm-client >/dev/null &&
-			broker_ctl "$name" -q set_permissions -p / fm-client '.*' '.*' '.*' >/dev/null ||
+		if ! { broker_ctl "$name" -q add_user fm-client "$(openssl rand -hex 16)" &&
+			broker_ctl "$name" -q clear_password fm-client &&
+			broker_ctl "$name" -q set_permissions -p / fm-client '.*' '.*' '.*'; } >/dev/null; then
 			fm_die "creating the fm-client user on $node failed"
+		fi
 		touch "$dir/users.done"
 	fi
 	fm_info "$node up in $((SECONDS - t0))s"
@@ -479,32 +522,58 @@ fm_node_log_tail() {
 	done
 }
 
-# Kills the node's process group when its leader is still our launcher (guards against a recycled
-# pid after a reboot), then the Erlang VM itself if it escaped.
-fm_kill_node_processes() {
-	local name=$1 dir pgid beam sig i
-	dir=$(fm_node_dir "$name")
-	pgid=$(cat "$dir/launcher.pid" 2>/dev/null || true)
-	if [[ $pgid =~ ^[0-9]+$ ]] && ! tr '\0' ' ' <"/proc/$pgid/cmdline" 2>/dev/null | grep -q rabbitmq-server; then
-		pgid=
-	fi
-	for sig in TERM TERM TERM TERM TERM TERM TERM TERM TERM TERM KILL; do
-		beam=$(fm_beam_pid "$name" || true)
-		if [[ -n $pgid ]] && ! kill -0 -- "-$pgid" 2>/dev/null; then pgid=; fi
-		[[ -z $pgid && -z $beam ]] && break
-		[[ -n $pgid ]] && kill "-$sig" -- "-$pgid" 2>/dev/null
-		[[ -n $beam ]] && kill "-$sig" "$beam" 2>/dev/null
-		for i in 1 2 3 4 5; do
-			{ [[ -n $pgid ]] && kill -0 -- "-$pgid" 2>/dev/null; } || { [[ -n $beam ]] && kill -0 "$beam" 2>/dev/null; } || break
-			sleep 0.1
-		done
+# Prints PID and all its descendants (from /proc; procps may be missing on a minimal machine).
+fm_proc_tree() {
+	local f line rest pid
+	local -A kids=()
+	for f in /proc/[0-9]*/stat; do
+		read -r line <"$f" 2>/dev/null || continue
+		rest=${line##*) } # fields after "pid (comm) ": state ppid ...
+		read -r _ pid _ <<<"$rest"
+		f=${f#/proc/}
+		kids[$pid]+=" ${f%/stat}"
 	done
+	local queue=("$@") out=()
+	while ((${#queue[@]})); do
+		pid=${queue[0]}
+		queue=("${queue[@]:1}")
+		out+=("$pid")
+		# shellcheck disable=SC2206
+		queue+=(${kids[$pid]:-})
+	done
+	echo "${out[@]}"
+}
+
+# Kills whatever is left of node NAME, and nothing else: the launcher (when it still is Debian's
+# rabbitmq-server wrapper started with this node's environment), the Erlang VM (when its
+# environment names this node) and their descendants. A process tree, not a process group: `su`
+# puts the node in a session of its own, and Erlang's helpers make their own too.
+fm_kill_node_processes() {
+	local name=$1 dir launcher beam roots=() pids sig p i alive
+	dir=$(fm_node_dir "$name")
+	launcher=$(cat "$dir/launcher.pid" 2>/dev/null || true)
+	if [[ $launcher =~ ^[0-9]+$ ]] && fm_pid_has_env "$launcher" "RABBITMQ_NODENAME=fm-$name@localhost"; then
+		roots+=("$launcher")
+	fi
+	beam=$(fm_beam_pid "$name" || true)
+	[[ -n $beam ]] && roots+=("$beam")
+	if ((${#roots[@]})); then
+		read -ra pids <<<"$(fm_proc_tree "${roots[@]}")"
+		for sig in TERM KILL; do
+			kill "-$sig" "${pids[@]}" 2>/dev/null || true
+			for i in {1..50}; do
+				alive=
+				for p in "${pids[@]}"; do fm_alive "$p" && alive=1; done
+				[[ -z $alive ]] && break 2
+				sleep 0.1
+			done
+		done
+	fi
 	rm -f "$dir/launcher.pid"
 }
 
-broker_stop() {
-	local name=${1:?broker_stop NAME} dir
-	fm_check_name "$name"
+fm_stop_node() {
+	local name=$1 dir
 	dir=$(fm_node_dir "$name")
 	[[ -d $dir ]] || return 0
 	if broker_running "$name"; then
@@ -515,22 +584,21 @@ broker_stop() {
 	fm_kill_node_processes "$name"
 }
 
-broker_destroy() {
-	local name=${1:?broker_destroy NAME} dir
-	fm_check_name "$name"
-	dir=$(fm_node_dir "$name")
-	broker_stop "$name"
-	rm -rf "$dir"
+fm_destroy_node() {
+	local name=$1
+	fm_stop_node "$name"
+	rm -rf "$(fm_node_dir "$name")" "$(fm_nodes_dir)/.$name.lock"
 }
 
 # broker_join NAME SEED: makes node NAME a member of SEED's cluster (both running).
 broker_join() {
 	local name=${1:?broker_join NAME SEED} seed=${2:?broker_join NAME SEED}
 	fm_phase "broker: joining fm-$name@localhost to the cluster of fm-$seed@localhost"
-	broker_ctl "$name" -q stop_app >/dev/null &&
-		broker_ctl "$name" -q join_cluster "fm-$seed@localhost" >/dev/null &&
-		broker_ctl "$name" -q start_app >/dev/null ||
+	if ! { broker_ctl "$name" -q stop_app &&
+		broker_ctl "$name" -q join_cluster "fm-$seed@localhost" &&
+		broker_ctl "$name" -q start_app; } >/dev/null; then
 		fm_die "fm-$name@localhost could not join fm-$seed@localhost"
+	fi
 }
 
 # The environment a test needs for node NAME, as eval-able lines. Values are single-quoted and never

@@ -1,15 +1,33 @@
-//! TLS for `amqps://` URLs, with rustls (no OpenSSL at run time).
+//! TLS for `amqps://` URLs, with rustls (ring; no OpenSSL at run time).
 //!
 //! fedora-messaging's rules (`twisted/service.py`): TLS 1.2 minimum, the server's hostname is
 //! always verified against the URL's host, the CA is `[tls] ca_cert` or the system's trust
 //! store, and the client certificate (`certfile` + `keyfile`) is presented — and used for SASL
-//! EXTERNAL — only when both are set. fm refuses a half-configured pair instead of silently
-//! ignoring it, and reads every file at start so a bad path fails before any connection.
+//! EXTERNAL — only when both are set. fm is stricter where fedora-messaging is silent:
+//!
+//! - a half-configured pair (only `certfile` or only `keyfile`) is refused at start instead of
+//!   being ignored;
+//! - every file is read, parsed and cross-checked (the key must be the certificate's) before
+//!   the first connection, so a bad path or a wrong key is a configuration error (exit 2) that
+//!   names the key and the file, not a handshake failure minutes later;
+//! - the client certificate's validity dates are read at start: an expired certificate is
+//!   reported at once (a warning: the broker decides), and named in the handshake error.
+//!
+//! Handshake failures are turned into sentences by [`Settings::explain`]. With TLS 1.3 the
+//! broker checks the client certificate *after* the client considers the handshake done, so
+//! its refusal arrives as an alert on the first read — or, when the alert loses the race with
+//! fm's AMQP header, as a bare connection reset. `connect.rs` then probes once more without
+//! sending anything, so the alert can be read and explained here.
+//!
+//! The issue asked for tokio-rustls; lapin drives its own socket type (`tcp-stream`'s
+//! `AsyncTcpStream`, over futures-rustls), so fm builds its own [`rustls::ClientConfig`] and
+//! hands it to `AsyncTcpStream::into_rustls`. Same rustls, same verification, one TLS stack.
 
+use std::fmt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use lapin::tcp::RustlsConnector;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -17,150 +35,1148 @@ use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::Tls;
 
-/// The TLS material from `[tls]`, read and checked.
+/// The TLS set-up from `[tls]`, read and checked: what every `amqps://` connection uses.
 pub struct Settings {
-    roots: RootCertStore,
-    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+    connector: Arc<RustlsConnector>,
+    /// `ca_cert`, or `None` for the system's trust store (named in explanations).
+    ca_cert: Option<PathBuf>,
+    /// The client certificate, when `certfile` and `keyfile` are both set.
+    client: Option<ClientCert>,
+}
+
+/// What fm knows about its own client certificate, for messages.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCert {
+    /// `[tls] certfile`.
+    pub path: PathBuf,
+    /// The subject's common name: the RabbitMQ user under `ssl_cert_login_from = common_name`.
+    pub subject_cn: Option<String>,
+    /// The issuer's common name.
+    pub issuer_cn: Option<String>,
+    /// Validity, in seconds since the Unix epoch (`None` when the certificate cannot be read
+    /// that far; rustls is the judge of its validity anyway).
+    pub not_before: Option<i64>,
+    pub not_after: Option<i64>,
+}
+
+impl ClientCert {
+    /// "/etc/fm/cert.pem (CN=fm-client, issued by CN=fm CA)".
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(cn) = &self.subject_cn {
+            parts.push(format!("CN={cn}"));
+        }
+        if let Some(cn) = &self.issuer_cn {
+            parts.push(format!("issued by CN={cn}"));
+        }
+        if parts.is_empty() {
+            format!("{}", self.path.display())
+        } else {
+            format!("{} ({})", self.path.display(), parts.join(", "))
+        }
+    }
+
+    /// Whether the certificate has expired at `now` (Unix seconds).
+    fn expired_at(&self, now: i64) -> bool {
+        self.not_after.is_some_and(|t| t < now)
+    }
+
+    fn not_yet_valid_at(&self, now: i64) -> bool {
+        self.not_before.is_some_and(|t| t > now)
+    }
 }
 
 impl Settings {
-    /// Read `ca_cert`, `certfile` and `keyfile`. Errors name the key and the file.
+    /// Read `ca_cert`, `certfile` and `keyfile` and build the rustls configuration. Every
+    /// error names the `[tls]` key and the file, and says what to do.
     pub fn from_config(tls: &Tls) -> anyhow::Result<Settings> {
+        // The pair first: it needs no file, and is the likelier mistake.
+        let pair = match (&tls.certfile, &tls.keyfile) {
+            (Some(cert), Some(key)) => Some((cert, key)),
+            (None, None) => None,
+            (Some(cert), None) => bail!(
+                "[tls] sets certfile ({}) but not keyfile: set both to authenticate with a \
+                 client certificate (SASL EXTERNAL), or remove certfile",
+                cert.display()
+            ),
+            (None, Some(key)) => bail!(
+                "[tls] sets keyfile ({}) but not certfile: set both to authenticate with a \
+                 client certificate (SASL EXTERNAL), or remove keyfile",
+                key.display()
+            ),
+        };
         let roots = match &tls.ca_cert {
             Some(path) => {
                 let mut roots = RootCertStore::empty();
                 for cert in read_certs("ca_cert", path)? {
-                    roots.add(cert).with_context(|| {
-                        format!(
-                            "the \"ca_cert\" setting in the [tls] table is invalid: {} holds a \
-                             certificate that cannot be used as a CA",
+                    roots.add(cert).map_err(|e| {
+                        anyhow!(
+                            "[tls] ca_cert {} holds a certificate that cannot be used as a CA \
+                             ({e}); give the PEM bundle of the CA that signed the broker's \
+                             certificate",
                             path.display()
                         )
                     })?;
                 }
                 roots
             }
-            None => system_roots(),
+            None => system_roots()?,
         };
-        let identity = match (&tls.certfile, &tls.keyfile) {
-            (Some(cert), Some(key)) => Some((read_certs("certfile", cert)?, read_key(key)?)),
-            (None, None) => None,
-            (Some(cert), None) => bail!(
-                "the [tls] table sets certfile ({}) but not keyfile: set both to authenticate \
-                 with a client certificate (SASL EXTERNAL), or neither",
-                cert.display()
-            ),
-            (None, Some(key)) => bail!(
-                "the [tls] table sets keyfile ({}) but not certfile: set both to authenticate \
-                 with a client certificate (SASL EXTERNAL), or neither",
-                key.display()
-            ),
+        let Some((cert_path, key_path)) = pair else {
+            let config = builder(roots)?.with_no_client_auth();
+            return Ok(Settings {
+                connector: Arc::new(RustlsConnector::from(config)),
+                ca_cert: tls.ca_cert.clone(),
+                client: None,
+            });
         };
-        Ok(Settings { roots, identity })
+        let chain = read_certs("certfile", cert_path)?;
+        let key = read_key(key_path)?;
+        let client = client_cert(cert_path, &chain[0]);
+        let config = builder(roots)?
+            .with_client_auth_cert(chain, key)
+            .map_err(|e| key_error(e, cert_path, key_path))?;
+        let settings = Settings {
+            connector: Arc::new(RustlsConnector::from(config)),
+            ca_cert: tls.ca_cert.clone(),
+            client: Some(client),
+        };
+        settings.warn_about_dates(now());
+        Ok(settings)
     }
 
     /// Whether a client certificate is configured (fm then authenticates with EXTERNAL).
     pub fn has_client_identity(&self) -> bool {
-        self.identity.is_some()
+        self.client.is_some()
     }
 
-    /// The rustls connector for `amqps://` URLs.
-    pub fn connector(&self) -> anyhow::Result<RustlsConnector> {
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let builder = ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .context("setting up TLS")?
-            .with_root_certificates(self.roots.clone());
-        let config = match &self.identity {
-            Some((chain, key)) => builder
-                .with_client_auth_cert(chain.clone(), key.clone_key())
-                .context(
-                    "the [tls] keyfile does not match the certfile (or the key type is not \
-                     supported)",
-                )?,
-            None => builder.with_no_client_auth(),
-        };
-        Ok(RustlsConnector::from(config))
+    /// The client certificate, when configured.
+    pub fn client_cert(&self) -> Option<&ClientCert> {
+        self.client.as_ref()
+    }
+
+    /// The rustls connector for `amqps://` URLs (shared by every connection).
+    pub fn connector(&self) -> Arc<RustlsConnector> {
+        Arc::clone(&self.connector)
+    }
+
+    /// An expired or not yet valid client certificate is worth saying at start: the broker
+    /// will refuse it, and its alert is less clear than this.
+    fn warn_about_dates(&self, now: i64) {
+        if let Some(warning) = self.client.as_ref().and_then(|c| date_warning(c, now)) {
+            tracing::warn!("{warning}");
+        }
+    }
+
+    /// Say why a TLS connection to `host` failed, in words a person can act on.
+    pub fn explain(&self, err: &rustls::Error, host: &str, port: u16) -> String {
+        explain(
+            err,
+            host,
+            port,
+            self.ca_cert.as_deref(),
+            self.client.as_ref(),
+            now(),
+        )
     }
 }
 
-fn system_roots() -> RootCertStore {
+/// The client certificate's date problem at `now`, if any.
+fn date_warning(cert: &ClientCert, now: i64) -> Option<String> {
+    if cert.expired_at(now) {
+        Some(format!(
+            "[tls] certfile {} expired on {}: brokers refuse expired client certificates; \
+             renew it",
+            cert.describe(),
+            format_time(cert.not_after?)
+        ))
+    } else if cert.not_yet_valid_at(now) {
+        Some(format!(
+            "[tls] certfile {} is not valid before {}: brokers refuse it until then (is this \
+             machine's clock right?)",
+            cert.describe(),
+            format_time(cert.not_before?)
+        ))
+    } else {
+        None
+    }
+}
+
+/// A client configuration builder: ring, TLS 1.3 and 1.2 only, the given roots. The server's
+/// name is always verified (rustls's default verifier; fm never installs another).
+fn builder(
+    roots: RootCertStore,
+) -> anyhow::Result<rustls::ConfigBuilder<ClientConfig, rustls::client::WantsClientCert>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .context("setting up TLS (rustls with ring)")?
+        .with_root_certificates(roots))
+}
+
+fn system_roots() -> anyhow::Result<RootCertStore> {
     let mut roots = RootCertStore::empty();
     let found = rustls_native_certs::load_native_certs();
     for err in &found.errors {
-        tracing::warn!("loading the system's trusted certificates: {err}");
+        tracing::warn!("loading the system's trusted CA certificates: {err}");
     }
     let (added, ignored) = roots.add_parsable_certificates(found.certs);
     tracing::debug!(added, ignored, "system trust store loaded");
-    roots
+    if roots.is_empty() {
+        bail!(
+            "[tls] ca_cert is not set and the system's trust store holds no usable CA \
+             certificate{}; set ca_cert to the PEM bundle of the broker's CA, or install the \
+             system's CA certificates (ca-certificates)",
+            match found.errors.first() {
+                Some(err) => format!(" ({err})"),
+                None => String::new(),
+            }
+        );
+    }
+    Ok(roots)
+}
+
+fn read_file(key: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
+    std::fs::read(path).map_err(|e| {
+        anyhow!(
+            "[tls] {key} {} cannot be read: {}; fix the path in the [tls] table",
+            path.display(),
+            io_reason(&e)
+        )
+    })
+}
+
+/// An I/O error without Rust's "(os error 2)" suffix.
+fn io_reason(err: &std::io::Error) -> String {
+    let text = err.to_string();
+    match text.find(" (os error") {
+        Some(i) => text[..i].to_lowercase(),
+        None => text,
+    }
 }
 
 fn read_certs(key: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(|iter| iter.collect::<Result<Vec<_>, _>>())
-        .with_context(|| invalid(key, path))?;
+    let pem = read_file(key, path)?;
+    let certs = CertificateDer::pem_slice_iter(&pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| {
+            anyhow!(
+                "[tls] {key} {} is not a valid PEM file ({e}); give PEM certificates \
+                 (\"-----BEGIN CERTIFICATE-----\")",
+                path.display()
+            )
+        })?;
     if certs.is_empty() {
-        bail!("{}: no PEM certificate found", invalid(key, path));
+        bail!(
+            "[tls] {key} {} holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\"){}",
+            path.display(),
+            if key == "certfile" && PrivateKeyDer::from_pem_slice(&pem).is_ok() {
+                "; it holds a private key: did you swap certfile and keyfile?"
+            } else {
+                ""
+            }
+        );
     }
     Ok(certs)
 }
 
 fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    // PKCS#8, PKCS#1 (RSA) and SEC1 (EC) PEM keys.
-    PrivateKeyDer::from_pem_file(path)
-        .with_context(|| format!("{} (PKCS#8, PKCS#1 or SEC1 PEM expected)", invalid("keyfile", path)))
+    let pem = read_file("keyfile", path)?;
+    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
+        let text = String::from_utf8_lossy(&pem);
+        let why = if text.contains("BEGIN ENCRYPTED PRIVATE KEY") {
+            "the key is encrypted; fm needs an unencrypted key (decrypt it with `openssl pkey \
+             -in KEY -out NEW`, and keep NEW readable only by fm's user)"
+                .to_owned()
+        } else if text.contains("BEGIN CERTIFICATE") {
+            "it holds a certificate but no private key: did you swap certfile and keyfile?"
+                .to_owned()
+        } else {
+            format!(
+                "no private key found ({e}); give a PEM key: \"BEGIN PRIVATE KEY\" (PKCS#8), \
+                 \"BEGIN RSA PRIVATE KEY\" (PKCS#1) or \"BEGIN EC PRIVATE KEY\" (SEC1)"
+            )
+        };
+        anyhow!("[tls] keyfile {} is not usable: {why}", path.display())
+    })
 }
 
-fn invalid(key: &str, path: &Path) -> String {
+/// rustls refused the certificate and key pair.
+fn key_error(err: rustls::Error, cert: &Path, key: &Path) -> anyhow::Error {
+    match err {
+        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => anyhow!(
+            "[tls] keyfile {} does not match certfile {}: the key is not the private key of \
+             the certificate (the first one in certfile); give the key the certificate was \
+             issued for",
+            key.display(),
+            cert.display()
+        ),
+        other => anyhow!(
+            "[tls] keyfile {} cannot be used with certfile {}: {other}; fm supports RSA \
+             (2048 to 8192 bits), ECDSA P-256/P-384 and Ed25519 keys",
+            key.display(),
+            cert.display()
+        ),
+    }
+}
+
+fn client_cert(path: &Path, der: &CertificateDer<'_>) -> ClientCert {
+    let info = der::parse_certificate(der.as_ref());
+    ClientCert {
+        path: path.to_owned(),
+        subject_cn: info.as_ref().and_then(|i| i.subject_cn.clone()),
+        issuer_cn: info.as_ref().and_then(|i| i.issuer_cn.clone()),
+        not_before: info.as_ref().map(|i| i.not_before),
+        not_after: info.as_ref().map(|i| i.not_after),
+    }
+}
+
+/// Seconds since the Unix epoch.
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// "2020-01-02 00:00:00 UTC".
+pub fn format_time(unix: i64) -> String {
+    let days = unix.div_euclid(86_400);
+    let secs = unix.rem_euclid(86_400);
+    let (y, m, d) = der::civil_from_days(days);
     format!(
-        "the \"{key}\" setting in the [tls] table is invalid: cannot read {}",
-        PathBuf::from(path).display()
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
+        secs / 3600,
+        secs / 60 % 60,
+        secs % 60
     )
 }
 
-/// Say why a TLS handshake failed, in words a person can act on.
-pub fn explain_handshake_error(err: &std::io::Error) -> String {
+fn unix(t: rustls::pki_types::UnixTime) -> i64 {
+    i64::try_from(t.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Where the trust for the broker's certificate comes from, for messages.
+struct Trust<'a>(Option<&'a Path>);
+
+impl fmt::Display for Trust<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(path) => write!(f, "[tls] ca_cert {}", path.display()),
+            None => f.write_str("the system's trust store ([tls] ca_cert is not set)"),
+        }
+    }
+}
+
+/// The explanation behind [`Settings::explain`], with everything it depends on as arguments.
+fn explain(
+    err: &rustls::Error,
+    host: &str,
+    port: u16,
+    ca_cert: Option<&Path>,
+    client: Option<&ClientCert>,
+    now: i64,
+) -> String {
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};
-    let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<E>()) else {
-        return format!("TLS handshake failed: {err}");
+    let trust = Trust(ca_cert);
+    let ours = || match client {
+        Some(c) => format!("fm's client certificate, [tls] certfile {}", c.describe()),
+        None => "fm's client certificate".to_owned(),
     };
-    let why = match tls {
-        E::InvalidCertificate(C::UnknownIssuer) => {
-            "the broker's certificate is not signed by a trusted CA (check [tls] ca_cert)".into()
+    let why = match err {
+        // fm refused the broker's certificate.
+        E::InvalidCertificate(C::UnknownIssuer) => format!(
+            "the broker's certificate is not signed by a CA fm trusts: {trust} does not hold \
+             its issuer; set ca_cert to the PEM bundle of the CA that signed it"
+        ),
+        E::InvalidCertificate(C::NotValidForNameContext { presented, .. }) => format!(
+            "the broker's certificate is not valid for the host name {host:?} in amqp_url (it \
+             is valid for {}); connect with one of those names",
+            presented_names(presented)
+        ),
+        E::InvalidCertificate(C::NotValidForName) => format!(
+            "the broker's certificate is not valid for the host name {host:?} in amqp_url; \
+             connect with a name the certificate was issued for"
+        ),
+        E::InvalidCertificate(C::ExpiredContext { not_after, .. }) => format!(
+            "the broker's certificate expired on {}; the broker's administrator must renew it \
+             (or this machine's clock is wrong)",
+            format_time(unix(*not_after))
+        ),
+        E::InvalidCertificate(C::Expired) => "the broker's certificate has expired; the \
+             broker's administrator must renew it (or this machine's clock is wrong)"
+            .to_owned(),
+        E::InvalidCertificate(C::NotValidYetContext { not_before, .. }) => format!(
+            "the broker's certificate is not valid before {}; is this machine's clock right?",
+            format_time(unix(*not_before))
+        ),
+        E::InvalidCertificate(C::NotValidYet) => {
+            "the broker's certificate is not valid yet; is this machine's clock right?".to_owned()
         }
-        E::InvalidCertificate(C::NotValidForName | C::NotValidForNameContext { .. }) => {
-            "the broker's certificate is not valid for the host name in amqp_url (use the name \
-             the certificate was issued for)"
-                .into()
-        }
-        E::InvalidCertificate(C::Expired | C::ExpiredContext { .. }) => {
-            "the broker's certificate has expired".into()
+        E::InvalidCertificate(C::Revoked) => "the broker's certificate has been revoked".into(),
+        E::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
+            "the broker's certificate is not meant for a TLS server (extended key usage); the \
+             broker's administrator must reissue it"
+                .to_owned()
         }
         E::InvalidCertificate(C::Other(other))
             if other.to_string().contains("UnsupportedCertVersion") =>
         {
-            "a certificate is X.509 version 1, which rustls does not accept: reissue it as \
-             version 3"
-                .into()
+            "the broker's certificate (or its CA) is an X.509 version 1 certificate, which \
+             rustls does not accept; reissue it as version 3"
+                .to_owned()
         }
-        E::AlertReceived(A::CertificateExpired) => {
-            "the broker rejected fm's client certificate: it has expired (check [tls] certfile)"
-                .into()
+        E::InvalidCertificate(other) => format!(
+            "the broker's certificate is not acceptable ({other:?}); check it against {trust}"
+        ),
+        E::NoCertificatesPresented => "the broker presented no certificate".to_owned(),
+
+        // The broker refused fm's client certificate (or the handshake).
+        E::AlertReceived(A::CertificateExpired) => match client {
+            Some(c) if c.expired_at(now) => format!(
+                "the broker refused {}: it expired on {}; renew it",
+                ours(),
+                c.not_after.map_or_else(String::new, format_time)
+            ),
+            Some(c) if c.not_yet_valid_at(now) => format!(
+                "the broker refused {}: it is not valid before {} (is this machine's clock \
+                 right?)",
+                ours(),
+                c.not_before.map_or_else(String::new, format_time)
+            ),
+            _ => format!(
+                "the broker refused {} as expired or not yet valid; renew it (or check the \
+                 broker's clock)",
+                ours()
+            ),
+        },
+        E::AlertReceived(A::UnknownCA) => format!(
+            "the broker does not trust the CA that issued {}; use a certificate signed by a CA \
+             the broker trusts (its ssl_options.cacertfile), or ask its administrator to add \
+             this CA",
+            ours()
+        ),
+        E::AlertReceived(A::CertificateRevoked) => {
+            format!("the broker refused {}: it has been revoked", ours())
         }
-        E::AlertReceived(A::UnknownCA | A::BadCertificate | A::CertificateUnknown) => {
-            "the broker rejected fm's client certificate: it does not trust its issuer (check \
-             [tls] certfile, or the broker's CA)"
-                .into()
+        E::AlertReceived(A::CertificateRequired) => {
+            "the broker requires a client certificate; set [tls] certfile and keyfile".to_owned()
         }
-        E::AlertReceived(A::HandshakeFailure | A::CertificateRequired) => {
-            "the broker refused the handshake (does it require a client certificate? set [tls] \
-             certfile and keyfile)"
-                .into()
+        E::AlertReceived(
+            A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown | A::AccessDenied,
+        ) if client.is_some() => format!(
+            "the broker refused {} ({}); check that the broker accepts this certificate",
+            ours(),
+            alert_name(err)
+        ),
+        E::AlertReceived(A::HandshakeFailure) if client.is_none() => {
+            "the broker refused the TLS handshake; it probably requires a client certificate \
+             (set [tls] certfile and keyfile)"
+                .to_owned()
         }
-        E::InvalidMessage(_) => {
-            "the server did not answer with TLS (is this a plain amqp:// port?)".into()
+        E::AlertReceived(A::HandshakeFailure | A::InsufficientSecurity) => format!(
+            "the broker refused the TLS handshake ({}): fm offers TLS 1.2 and 1.3 with modern \
+             ciphers only; check the broker's ssl_options (versions, ciphers){}",
+            alert_name(err),
+            if client.is_some() {
+                " and that it accepts fm's client certificate"
+            } else {
+                ""
+            }
+        ),
+        E::AlertReceived(A::ProtocolVersion) => "the broker does not accept TLS 1.2 or 1.3, \
+             the versions fm speaks; enable them in the broker's ssl_options.versions"
+            .to_owned(),
+        E::AlertReceived(A::DecryptError) if client.is_some() => format!(
+            "the broker could not verify the signature made with [tls] keyfile; is it the key \
+             of {}?",
+            ours()
+        ),
+        E::AlertReceived(_) => format!(
+            "the broker ended the TLS handshake with the alert {}",
+            alert_name(err)
+        ),
+
+        // Not TLS at all on the other end.
+        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::PeerSentOversizedRecord => {
+            format!(
+                "{host}:{port} did not answer with TLS; is it a plain AMQP port? Use amqp:// \
+                 for it, or the broker's TLS port (usually 5671) with amqps://"
+            )
         }
+        E::PeerIncompatible(why) => format!(
+            "the broker's TLS is not compatible with fm's (TLS 1.2 or 1.3, modern ciphers): \
+             {why:?}"
+        ),
         other => format!("{other}"),
     };
-    format!("TLS handshake failed: {why}")
+    format!("TLS handshake with {host}:{port} failed: {why}")
+}
+
+/// `CertificateExpired` rather than `AlertReceived(CertificateExpired)`.
+fn alert_name(err: &rustls::Error) -> String {
+    match err {
+        rustls::Error::AlertReceived(alert) => format!("{alert:?}"),
+        other => other.to_string(),
+    }
+}
+
+/// webpki's presented names (`DnsName("localhost")`, `IpAddress(127.0.0.1)`) as plain names.
+fn presented_names(presented: &[String]) -> String {
+    if presented.is_empty() {
+        return "no name at all".to_owned();
+    }
+    presented
+        .iter()
+        .map(|name| {
+            let inner = name
+                .split_once('(')
+                .and_then(|(_, rest)| rest.strip_suffix(')'))
+                .unwrap_or(name);
+            inner.trim_matches('"').to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The rustls error inside an I/O error, if any (futures-rustls puts it there).
+pub fn rustls_error(err: &std::io::Error) -> Option<&rustls::Error> {
+    err.get_ref()?.downcast_ref::<rustls::Error>()
+}
+
+/// Just enough DER to read a certificate's validity and common names for messages. rustls
+/// and webpki do the real parsing and verification; this never decides anything.
+mod der {
+    /// What fm shows about a certificate.
+    pub struct CertInfo {
+        pub not_before: i64,
+        pub not_after: i64,
+        pub subject_cn: Option<String>,
+        pub issuer_cn: Option<String>,
+    }
+
+    const SEQUENCE: u8 = 0x30;
+    const SET: u8 = 0x31;
+    const OID: u8 = 0x06;
+    const UTC_TIME: u8 = 0x17;
+    const GENERALIZED_TIME: u8 = 0x18;
+    const VERSION: u8 = 0xa0;
+    /// 2.5.4.3, id-at-commonName.
+    const CN: &[u8] = &[0x55, 0x04, 0x03];
+
+    /// One tag-length-value off the front of `input`.
+    fn tlv<'a>(input: &mut &'a [u8]) -> Option<(u8, &'a [u8])> {
+        let (&tag, rest) = input.split_first()?;
+        let (&first, mut rest) = rest.split_first()?;
+        let len = if first < 0x80 {
+            usize::from(first)
+        } else {
+            let n = usize::from(first & 0x7f);
+            if n == 0 || n > 4 || rest.len() < n {
+                return None;
+            }
+            let len = rest[..n]
+                .iter()
+                .fold(0usize, |acc, b| acc << 8 | usize::from(*b));
+            rest = &rest[n..];
+            len
+        };
+        if rest.len() < len {
+            return None;
+        }
+        let (value, after) = rest.split_at(len);
+        *input = after;
+        Some((tag, value))
+    }
+
+    fn expect<'a>(input: &mut &'a [u8], tag: u8) -> Option<&'a [u8]> {
+        match tlv(input)? {
+            (t, value) if t == tag => Some(value),
+            _ => None,
+        }
+    }
+
+    pub fn parse_certificate(der: &[u8]) -> Option<CertInfo> {
+        let mut input = der;
+        let mut cert = expect(&mut input, SEQUENCE)?;
+        let mut tbs = expect(&mut cert, SEQUENCE)?;
+        if tbs.first() == Some(&VERSION) {
+            tlv(&mut tbs)?;
+        }
+        tlv(&mut tbs)?; // serialNumber
+        expect(&mut tbs, SEQUENCE)?; // signature
+        let issuer = expect(&mut tbs, SEQUENCE)?;
+        let mut validity = expect(&mut tbs, SEQUENCE)?;
+        let subject = expect(&mut tbs, SEQUENCE)?;
+        let not_before = time(&mut validity)?;
+        let not_after = time(&mut validity)?;
+        Some(CertInfo {
+            not_before,
+            not_after,
+            subject_cn: common_name(subject),
+            issuer_cn: common_name(issuer),
+        })
+    }
+
+    /// The last CN of a Name (RDNSequence), as text.
+    fn common_name(mut name: &[u8]) -> Option<String> {
+        let mut found = None;
+        while !name.is_empty() {
+            let mut set = expect(&mut name, SET)?;
+            while !set.is_empty() {
+                let mut attribute = expect(&mut set, SEQUENCE)?;
+                let oid = expect(&mut attribute, OID)?;
+                let (_, value) = tlv(&mut attribute)?;
+                if oid == CN {
+                    found = Some(String::from_utf8_lossy(value).into_owned());
+                }
+            }
+        }
+        found
+    }
+
+    /// UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`), as Unix seconds.
+    fn time(input: &mut &[u8]) -> Option<i64> {
+        let (tag, value) = tlv(input)?;
+        let text = std::str::from_utf8(value).ok()?.strip_suffix('Z')?;
+        let (year, rest) = match tag {
+            UTC_TIME if text.len() == 12 => {
+                let yy: i64 = text[..2].parse().ok()?;
+                // RFC 5280: 50..99 are 19xx, 00..49 are 20xx.
+                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
+            }
+            GENERALIZED_TIME if text.len() == 14 => (text[..4].parse().ok()?, &text[4..]),
+            _ => return None,
+        };
+        if !rest.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        let field = |i: usize| rest[i..i + 2].parse::<i64>().ok();
+        let (month, day) = (field(0)?, field(2)?);
+        let (hour, minute, second) = (field(4)?, field(6)?, field(8)?);
+        if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+            return None;
+        }
+        Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
+    }
+
+    /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
+    pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        era * 146_097 + doe - 719_468
+    }
+
+    /// The date of a day count since 1970-01-01 (the inverse of [`days_from_civil`]).
+    pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
+        let z = z + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        (yoe + era * 400 + i64::from(m <= 2), m, d)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::pki_types::{ServerName, UnixTime};
+    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
+
+    // ---- a tiny DER and PEM writer, for synthetic certificates ---------------------------
+
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        let mut out = vec![tag];
+        match content.len() {
+            n if n < 0x80 => out.push(n as u8),
+            n if n < 0x100 => out.extend([0x81, n as u8]),
+            n => out.extend([0x82, (n >> 8) as u8, n as u8]),
+        }
+        out.extend_from_slice(content);
+        out
+    }
+
+    fn name(cn: &str) -> Vec<u8> {
+        let o = tlv(
+            0x30,
+            &[tlv(0x06, &[0x55, 0x04, 0x0a]), tlv(0x0c, b"fm tests")].concat(),
+        );
+        let cn = tlv(
+            0x30,
+            &[tlv(0x06, &[0x55, 0x04, 0x03]), tlv(0x0c, cn.as_bytes())].concat(),
+        );
+        tlv(0x30, &[tlv(0x31, &o), tlv(0x31, &cn)].concat())
+    }
+
+    /// A certificate-shaped DER value (the signature is not real: nothing here verifies it).
+    fn certificate(subject: &str, issuer: &str, not_before: &[u8], not_after: &[u8]) -> Vec<u8> {
+        let tbs = [
+            tlv(0xa0, &tlv(0x02, &[2])),
+            tlv(0x02, &[0x01, 0x23]),
+            tlv(
+                0x30,
+                &tlv(0x06, &[0x2a, 0x86, 0x48, 0xce, 0x3d, 0x04, 0x03, 0x02]),
+            ),
+            name(issuer),
+            tlv(0x30, &[not_before, not_after].concat()),
+            name(subject),
+            tlv(0x30, &[]),
+        ]
+        .concat();
+        tlv(
+            0x30,
+            &[tlv(0x30, &tbs), tlv(0x30, &[]), tlv(0x03, &[0])].concat(),
+        )
+    }
+
+    fn utc(text: &str) -> Vec<u8> {
+        tlv(0x17, text.as_bytes())
+    }
+
+    fn generalized(text: &str) -> Vec<u8> {
+        tlv(0x18, text.as_bytes())
+    }
+
+    fn pem(label: &str, der: &[u8]) -> String {
+        const TABLE: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut b64 = String::new();
+        for chunk in der.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |n, (i, b)| n | u32::from(*b) << (16 - 8 * i));
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    b64.push(TABLE[(n >> (18 - 6 * i) & 63) as usize] as char);
+                } else {
+                    b64.push('=');
+                }
+            }
+        }
+        let lines: Vec<&str> = b64
+            .as_bytes()
+            .chunks(64)
+            .map(|c| std::str::from_utf8(c).unwrap())
+            .collect();
+        format!(
+            "-----BEGIN {label}-----\n{}\n-----END {label}-----\n",
+            lines.join("\n")
+        )
+    }
+
+    fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    fn client(not_before: i64, not_after: i64) -> ClientCert {
+        ClientCert {
+            path: "/etc/fm/cert.pem".into(),
+            subject_cn: Some("fm-client".into()),
+            issuer_cn: Some("fm CA".into()),
+            not_before: Some(not_before),
+            not_after: Some(not_after),
+        }
+    }
+
+    /// 2026-06-01 00:00:00 UTC.
+    const NOW: i64 = 1_780_272_000;
+    /// 2020-01-02 00:00:00 UTC.
+    const JAN_2_2020: i64 = 1_577_923_200;
+
+    fn explained(err: E, ca: Option<&str>, cert: Option<ClientCert>) -> String {
+        explain(
+            &err,
+            "broker.example",
+            5671,
+            ca.map(Path::new),
+            cert.as_ref(),
+            NOW,
+        )
+    }
+
+    fn assert_contains(text: &str, parts: &[&str]) {
+        for part in parts {
+            assert!(text.contains(part), "{part:?} not in:\n{text}");
+        }
+    }
+
+    // ---- dates and DER ------------------------------------------------------------------
+
+    #[test]
+    fn dates_convert_both_ways() {
+        assert_eq!(der::days_from_civil(1970, 1, 1), 0);
+        assert_eq!(der::days_from_civil(2020, 1, 2) * 86_400, JAN_2_2020);
+        assert_eq!(der::days_from_civil(2000, 3, 1), 11_017);
+        for days in [-800_000, -1, 0, 59, 11_016, 18_263, 20_605, 2_000_000] {
+            let (y, m, d) = der::civil_from_days(days);
+            assert_eq!(der::days_from_civil(y, m, d), days, "{y}-{m}-{d}");
+        }
+        assert_eq!(format_time(JAN_2_2020), "2020-01-02 00:00:00 UTC");
+        assert_eq!(format_time(NOW + 3661), "2026-06-01 01:01:01 UTC");
+        assert_eq!(format_time(-1), "1969-12-31 23:59:59 UTC");
+    }
+
+    #[test]
+    fn validity_and_common_names_are_read_from_the_certificate() {
+        let der = certificate(
+            "fm-client",
+            "fm test CA",
+            &utc("200101000000Z"),
+            &generalized("20200102000000Z"),
+        );
+        let info = der::parse_certificate(&der).expect("parses");
+        assert_eq!(info.not_before, JAN_2_2020 - 86_400);
+        assert_eq!(info.not_after, JAN_2_2020);
+        assert_eq!(info.subject_cn.as_deref(), Some("fm-client"));
+        assert_eq!(info.issuer_cn.as_deref(), Some("fm test CA"));
+
+        // RFC 5280: two-digit years 50..99 are 19xx.
+        let der = certificate("a", "b", &utc("500101000000Z"), &utc("491231235959Z"));
+        let info = der::parse_certificate(&der).unwrap();
+        assert_eq!(format_time(info.not_before), "1950-01-01 00:00:00 UTC");
+        assert_eq!(format_time(info.not_after), "2049-12-31 23:59:59 UTC");
+    }
+
+    #[test]
+    fn unreadable_certificates_give_no_dates_instead_of_failing() {
+        assert!(der::parse_certificate(b"").is_none());
+        assert!(der::parse_certificate(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_none());
+        let bad_time = certificate("a", "b", &utc("2001010000Z"), &utc("200102000000Z"));
+        assert!(der::parse_certificate(&bad_time).is_none());
+        let bad_month = certificate("a", "b", &utc("201301000000Z"), &utc("200102000000Z"));
+        assert!(der::parse_certificate(&bad_month).is_none());
+        let full = certificate("a", "b", &utc("200101000000Z"), &utc("200102000000Z"));
+        assert!(der::parse_certificate(&full[..full.len() - 5]).is_none());
+    }
+
+    // ---- reading [tls] -------------------------------------------------------------------
+
+    fn tls(ca: Option<&Path>, cert: Option<&Path>, key: Option<&Path>) -> Tls {
+        Tls {
+            ca_cert: ca.map(Path::to_owned),
+            certfile: cert.map(Path::to_owned),
+            keyfile: key.map(Path::to_owned),
+        }
+    }
+
+    fn refused(tls: &Tls) -> String {
+        match Settings::from_config(tls) {
+            Ok(_) => panic!("{tls:?} was accepted"),
+            Err(err) => format!("{err:#}"),
+        }
+    }
+
+    #[test]
+    fn half_a_client_certificate_is_refused_before_any_file_is_read() {
+        let err = refused(&tls(None, Some(Path::new("/x/cert.pem")), None));
+        assert_eq!(
+            err,
+            "[tls] sets certfile (/x/cert.pem) but not keyfile: set both to authenticate with a \
+             client certificate (SASL EXTERNAL), or remove certfile"
+        );
+        let err = refused(&tls(
+            Some(Path::new("/missing/ca.pem")),
+            None,
+            Some(Path::new("/x/k.pem")),
+        ));
+        assert_contains(
+            &err,
+            &[
+                "[tls] sets keyfile (/x/k.pem) but not certfile",
+                "remove keyfile",
+            ],
+        );
+    }
+
+    #[test]
+    fn missing_and_empty_files_name_the_key_and_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let missing = dir.path().join("nope.pem");
+        assert_eq!(
+            refused(&tls(Some(&missing), None, None)),
+            format!(
+                "[tls] ca_cert {} cannot be read: no such file or directory; fix the path in \
+                 the [tls] table",
+                missing.display()
+            )
+        );
+        let empty = write(dir.path(), "empty.pem", "just text\n");
+        assert_eq!(
+            refused(&tls(Some(&empty), None, None)),
+            format!(
+                "[tls] ca_cert {} holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\")",
+                empty.display()
+            )
+        );
+        let broken = write(
+            dir.path(),
+            "broken.pem",
+            "-----BEGIN CERTIFICATE-----\nAAAA\n",
+        );
+        assert_contains(
+            &refused(&tls(Some(&broken), None, None)),
+            &["[tls] ca_cert", "broken.pem is not a valid PEM file"],
+        );
+        let err = refused(&tls(Some(dir.path()), None, None));
+        assert_contains(&err, &["[tls] ca_cert", "cannot be read: is a directory"]);
+    }
+
+    #[test]
+    fn swapped_or_encrypted_keys_are_explained() {
+        let dir = tempfile::tempdir().unwrap();
+        let cert_der = certificate(
+            "fm-client",
+            "CA",
+            &utc("200101000000Z"),
+            &utc("400101000000Z"),
+        );
+        let cert = write(dir.path(), "cert.pem", &pem("CERTIFICATE", &cert_der));
+        let key = write(
+            dir.path(),
+            "key.pem",
+            &pem("PRIVATE KEY", &[0x30, 0x03, 0x02, 0x01, 0x00]),
+        );
+
+        let err = format!("{:#}", read_key(&cert).unwrap_err());
+        assert_contains(
+            &err,
+            &[
+                "[tls] keyfile",
+                "cert.pem is not usable",
+                "swap certfile and keyfile",
+            ],
+        );
+        let err = format!("{:#}", read_certs("certfile", &key).unwrap_err());
+        assert_contains(
+            &err,
+            &[
+                "[tls] certfile",
+                "holds no PEM certificate",
+                "swap certfile and keyfile",
+            ],
+        );
+
+        let encrypted = write(
+            dir.path(),
+            "enc.pem",
+            &pem("ENCRYPTED PRIVATE KEY", &[0x30, 0x00]),
+        );
+        let err = format!("{:#}", read_key(&encrypted).unwrap_err());
+        assert_contains(
+            &err,
+            &[
+                "enc.pem is not usable: the key is encrypted",
+                "openssl pkey",
+            ],
+        );
+
+        let nothing = write(dir.path(), "nothing.pem", "hello\n");
+        let err = format!("{:#}", read_key(&nothing).unwrap_err());
+        assert_contains(
+            &err,
+            &[
+                "BEGIN PRIVATE KEY",
+                "BEGIN RSA PRIVATE KEY",
+                "BEGIN EC PRIVATE KEY",
+            ],
+        );
+
+        // Each PEM form is found (rustls checks the contents when the key is used).
+        for label in ["PRIVATE KEY", "RSA PRIVATE KEY", "EC PRIVATE KEY"] {
+            let path = write(dir.path(), "any.key", &pem(label, &[0x30, 0x00]));
+            read_key(&path).unwrap_or_else(|e| panic!("{label}: {e:#}"));
+        }
+    }
+
+    #[test]
+    fn a_certificate_file_yields_what_messages_need() {
+        let der = certificate(
+            "fm-client",
+            "fm CA",
+            &utc("200101000000Z"),
+            &utc("200102000000Z"),
+        );
+        let cert = client_cert(Path::new("/etc/fm/c.pem"), &CertificateDer::from(der));
+        assert_eq!(
+            cert.describe(),
+            "/etc/fm/c.pem (CN=fm-client, issued by CN=fm CA)"
+        );
+        assert!(cert.expired_at(NOW));
+        let unreadable = client_cert(Path::new("/c.pem"), &CertificateDer::from(vec![1, 2, 3]));
+        assert_eq!(unreadable.describe(), "/c.pem");
+        assert!(!unreadable.expired_at(NOW) && !unreadable.not_yet_valid_at(NOW));
+    }
+
+    #[test]
+    fn an_expired_or_future_client_certificate_is_worth_a_warning() {
+        assert_eq!(date_warning(&client(0, NOW + 1), NOW), None);
+        assert_eq!(
+            date_warning(&client(0, JAN_2_2020), NOW).unwrap(),
+            "[tls] certfile /etc/fm/cert.pem (CN=fm-client, issued by CN=fm CA) expired on \
+             2020-01-02 00:00:00 UTC: brokers refuse expired client certificates; renew it"
+        );
+        assert_contains(
+            &date_warning(&client(NOW + 86_400, NOW + 10 * 86_400), NOW).unwrap(),
+            &["is not valid before 2026-06-02 00:00:00 UTC", "clock"],
+        );
+    }
+
+    // ---- handshake explanations ----------------------------------------------------------
+
+    #[test]
+    fn the_broker_certificate_problems_say_what_to_fix() {
+        assert_eq!(
+            explained(
+                E::InvalidCertificate(C::UnknownIssuer),
+                Some("/etc/fm/ca.pem"),
+                None
+            ),
+            "TLS handshake with broker.example:5671 failed: the broker's certificate is not \
+             signed by a CA fm trusts: [tls] ca_cert /etc/fm/ca.pem does not hold its issuer; \
+             set ca_cert to the PEM bundle of the CA that signed it"
+        );
+        assert_contains(
+            &explained(E::InvalidCertificate(C::UnknownIssuer), None, None),
+            &["the system's trust store ([tls] ca_cert is not set) does not hold its issuer"],
+        );
+        let mismatch = C::NotValidForNameContext {
+            expected: ServerName::try_from("broker.example").unwrap(),
+            presented: vec![
+                "DnsName(\"localhost\")".into(),
+                "IpAddress(127.0.0.1)".into(),
+            ],
+        };
+        assert_contains(
+            &explained(E::InvalidCertificate(mismatch), None, None),
+            &[
+                "not valid for the host name \"broker.example\" in amqp_url",
+                "(it is valid for localhost, 127.0.0.1); connect with one of those names",
+            ],
+        );
+        let expired = C::ExpiredContext {
+            time: UnixTime::since_unix_epoch(std::time::Duration::from_secs(NOW as u64)),
+            not_after: UnixTime::since_unix_epoch(std::time::Duration::from_secs(
+                JAN_2_2020 as u64,
+            )),
+        };
+        assert_contains(
+            &explained(E::InvalidCertificate(expired), None, None),
+            &[
+                "the broker's certificate expired on 2020-01-02 00:00:00 UTC",
+                "clock",
+            ],
+        );
+    }
+
+    #[test]
+    fn the_broker_refusing_fms_certificate_names_the_certificate() {
+        assert_eq!(
+            explained(
+                E::AlertReceived(A::CertificateExpired),
+                None,
+                Some(client(0, JAN_2_2020))
+            ),
+            "TLS handshake with broker.example:5671 failed: the broker refused fm's client \
+             certificate, [tls] certfile /etc/fm/cert.pem (CN=fm-client, issued by CN=fm CA): \
+             it expired on 2020-01-02 00:00:00 UTC; renew it"
+        );
+        // The broker's clock may disagree with ours.
+        assert_contains(
+            &explained(
+                E::AlertReceived(A::CertificateExpired),
+                None,
+                Some(client(0, NOW + 9)),
+            ),
+            &["as expired or not yet valid", "broker's clock"],
+        );
+        assert_contains(
+            &explained(
+                E::AlertReceived(A::UnknownCA),
+                None,
+                Some(client(0, NOW + 9)),
+            ),
+            &[
+                "the broker does not trust the CA that issued fm's client certificate, [tls] \
+                 certfile /etc/fm/cert.pem (CN=fm-client, issued by CN=fm CA)",
+                "ssl_options.cacertfile",
+            ],
+        );
+        assert_contains(
+            &explained(E::AlertReceived(A::CertificateRequired), None, None),
+            &["requires a client certificate; set [tls] certfile and keyfile"],
+        );
+        assert_contains(
+            &explained(E::AlertReceived(A::HandshakeFailure), None, None),
+            &["probably requires a client certificate"],
+        );
+        assert_contains(
+            &explained(
+                E::AlertReceived(A::HandshakeFailure),
+                None,
+                Some(client(0, NOW + 9)),
+            ),
+            &[
+                "(HandshakeFailure)",
+                "ssl_options",
+                "accepts fm's client certificate",
+            ],
+        );
+        assert_contains(
+            &explained(
+                E::AlertReceived(A::BadCertificate),
+                None,
+                Some(client(0, NOW + 9)),
+            ),
+            &[
+                "the broker refused fm's client certificate",
+                "(BadCertificate)",
+            ],
+        );
+        assert_contains(
+            &explained(E::AlertReceived(A::ProtocolVersion), None, None),
+            &["does not accept TLS 1.2 or 1.3"],
+        );
+    }
+
+    #[test]
+    fn a_plain_port_is_recognised() {
+        let err = E::InvalidMessage(rustls::InvalidMessage::InvalidContentType);
+        assert_eq!(
+            explained(err, None, None),
+            "TLS handshake with broker.example:5671 failed: broker.example:5671 did not answer \
+             with TLS; is it a plain AMQP port? Use amqp:// for it, or the broker's TLS port \
+             (usually 5671) with amqps://"
+        );
+    }
+
+    #[test]
+    fn rustls_errors_are_found_inside_io_errors() {
+        let io = std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            E::AlertReceived(A::UnknownCA),
+        );
+        assert_eq!(rustls_error(&io), Some(&E::AlertReceived(A::UnknownCA)));
+        assert_eq!(rustls_error(&std::io::Error::other("plain")), None);
+    }
+
+    #[test]
+    fn webpki_names_are_shown_plainly() {
+        assert_eq!(presented_names(&[]), "no name at all");
+        assert_eq!(
+            presented_names(&[
+                "DnsName(\"a.example\")".into(),
+                "IpAddress(::1)".into(),
+                "odd".into()
+            ]),
+            "a.example, ::1, odd"
+        );
+    }
 }

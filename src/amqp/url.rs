@@ -5,7 +5,22 @@
 //! `amqp://?connection_attempts=3&retry_delay=5` (guest on localhost, vhost `/`). lapin's own
 //! parser loses IP-address hosts and does not know pika's query parameters, so fm parses URLs
 //! itself and hands lapin a ready `AMQPUri`. Every query parameter is either honoured or
-//! refused with an error that names it; none is silently ignored.
+//! refused with an error that names it; none is silently ignored:
+//!
+//! | parameter | meaning in fm |
+//! |---|---|
+//! | `heartbeat` (`heartbeat_interval`) | seconds, 1–65535; the broker's value wins when lower. `0` (pika: no heartbeats) is refused: lapin cannot switch heartbeats off |
+//! | `connection_timeout`, `stack_timeout` | the whole attempt (TCP, TLS, AMQP handshake), seconds; overrides the top-level `connection_timeout` |
+//! | `socket_timeout` | the name lookup and TCP connect only, seconds |
+//! | `connection_attempts` | attempts on this URL per round (default 1) |
+//! | `retry_delay` | seconds between two attempts on this URL (default 2) |
+//! | `channel_max`, `frame_max` | proposed to the broker (1–65535; 4096–131072 bytes) |
+//! | `auth_mechanism` | `plain`, `amqplain` or `external` (default: EXTERNAL when `[tls]` has a client certificate, else PLAIN) |
+//! | `locale`, `blocked_connection_timeout` | accepted, no effect |
+//! | `ssl_options`, `client_properties`, `tcp_options`, others | refused, naming the `[tls]` / `[client_properties]` table to use instead |
+//!
+//! Passwords never reach a log or an error: [`redact`] replaces them with `***`, and
+//! [`BrokerUrl`]'s `Debug` shows only the redacted URL.
 
 use std::time::Duration;
 
@@ -15,18 +30,28 @@ use lapin::uri::{
 };
 
 /// One broker URL, parsed.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Clone, PartialEq)]
 pub struct BrokerUrl {
-    /// What lapin connects with.
+    /// What lapin connects with (holds the password: never log it).
     pub uri: AMQPUri,
     /// The URL with its password replaced by `***`, for logs and errors.
     pub redacted: String,
-    /// `connection_timeout` / `socket_timeout` from the query (seconds), overriding the config.
+    /// `connection_timeout` / `stack_timeout` from the query: the whole attempt, overriding
+    /// the config's `connection_timeout`.
     pub connection_timeout: Option<Duration>,
+    /// `socket_timeout` from the query: name lookup and TCP connect only.
+    pub socket_timeout: Option<Duration>,
     /// pika's `connection_attempts`: how many times to try this URL per round (default 1).
     pub connection_attempts: u32,
     /// pika's `retry_delay`: the pause between two attempts (default 2 s).
     pub retry_delay: Duration,
+}
+
+impl std::fmt::Debug for BrokerUrl {
+    /// The redacted URL only: `uri` holds the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("BrokerUrl").field(&self.redacted).finish()
+    }
 }
 
 impl BrokerUrl {
@@ -42,31 +67,47 @@ impl BrokerUrl {
 }
 
 /// Replace the password of an AMQP URL with `***` (the user name is kept).
+///
+/// Works on the text, the way Python's `urlsplit` finds the parts (the authority ends at the
+/// first `/`, `?` or `#`; the user information ends at its last `@`), so that a URL that does
+/// not parse still hides its password. When a `@` appears only after the authority — a
+/// password with an unencoded `/`, `?` or `#` — everything up to that `@` is hidden.
 pub fn redact(url: &str) -> String {
-    match url::Url::parse(url) {
-        Ok(mut parsed) if parsed.password().is_some() => {
-            let _ = parsed.set_password(Some("***"));
-            parsed.to_string()
-        }
-        Ok(_) => url.to_owned(),
-        // Unparseable: hide everything between "://" and the last "@".
-        Err(_) => match (url.find("://"), url.rfind('@')) {
-            (Some(start), Some(at)) if at > start => {
-                format!("{}***{}", &url[..start + 3], &url[at..])
-            }
-            _ => url.to_owned(),
-        },
+    let Some(start) = url.find("://").map(|i| i + 3) else {
+        return url.to_owned();
+    };
+    let rest = &url[start..];
+    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let authority = &rest[..authority_end];
+    if let Some(at) = authority.rfind('@') {
+        let userinfo = &authority[..at];
+        return match userinfo.split_once(':') {
+            // An empty password (Fedora's `fedora:@`) hides nothing.
+            Some((_, "")) | None => url.to_owned(),
+            Some((user, _)) => format!("{}{user}:***{}", &url[..start], &rest[at..]),
+        };
+    }
+    match rest.rfind('@') {
+        Some(at) => format!("{}***{}", &url[..start], &rest[at..]),
+        None => url.to_owned(),
     }
 }
 
 /// Parse a pika-style AMQP URL.
 pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
     let redacted = redact(raw);
-    let parsed = url::Url::parse(raw).with_context(|| format!("invalid broker URL {redacted}"))?;
+    let parsed = url::Url::parse(raw).with_context(|| {
+        format!(
+            "invalid broker URL {redacted} (percent-encode special characters of the user \
+             name, password and vhost: %2F for /, %40 for @, %3A for :)"
+        )
+    })?;
     let scheme = match parsed.scheme() {
         "amqp" => AMQPScheme::AMQP,
         "amqps" => AMQPScheme::AMQPS,
-        other => bail!("invalid broker URL {redacted}: the scheme must be amqp or amqps, not {other:?}"),
+        other => {
+            bail!("invalid broker URL {redacted}: the scheme must be amqp or amqps, not {other:?}")
+        }
     };
     let decode = |s: &str| -> anyhow::Result<String> {
         Ok(percent_encoding::percent_decode_str(s)
@@ -90,14 +131,22 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
         AMQPScheme::AMQP => 5672,
         AMQPScheme::AMQPS => 5671,
     });
-    // pika: an empty path or "/" is the default vhost "/"; otherwise the rest, unquoted.
+    // pika: an empty path or "/" is the default vhost "/"; otherwise the rest, unquoted. A
+    // raw "/" inside the vhost is ambiguous (pika keeps only the first segment): refuse it.
     let vhost = match parsed.path() {
         "" | "/" => "/".to_owned(),
+        path if path[1..].contains('/') => bail!(
+            "invalid broker URL {redacted}: the vhost {:?} holds a raw \"/\"; write it \
+             percent-encoded (%2F), as in amqps://host/%2Fpublic_pubsub for the vhost \
+             \"/public_pubsub\"",
+            &path[1..]
+        ),
         path => decode(&path[1..])?,
     };
 
     let mut query = AMQPQueryString::default();
     let mut connection_timeout = None;
+    let mut socket_timeout = None;
     let mut connection_attempts = 1;
     let mut retry_delay = Duration::from_secs(2);
     for (key, value) in parsed.query_pairs() {
@@ -106,14 +155,29 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
         };
         match key.as_ref() {
             "heartbeat" | "heartbeat_interval" => {
-                query.heartbeat = Some(value.parse().map_err(|_| bad("must be whole seconds"))?);
-            }
-            "connection_timeout" | "socket_timeout" => {
-                let secs: f64 = value.parse().map_err(|_| bad("must be seconds"))?;
-                if !(secs > 0.0 && secs.is_finite()) {
-                    return Err(bad("must be more than 0 seconds"));
+                let secs: u16 = value
+                    .parse()
+                    .map_err(|_| bad("must be whole seconds, 1 to 65535"))?;
+                if secs == 0 {
+                    return Err(bad(
+                        "would switch heartbeats off, which fm does not do (a dead broker \
+                         would go unnoticed); give a number of seconds, or leave it out to \
+                         use the broker's",
+                    ));
                 }
-                connection_timeout = Some(Duration::from_secs_f64(secs));
+                query.heartbeat = Some(secs);
+            }
+            "connection_timeout" | "stack_timeout" => {
+                connection_timeout = Some(
+                    positive_seconds(&value)
+                        .ok_or_else(|| bad("must be a number of seconds greater than 0"))?,
+                );
+            }
+            "socket_timeout" => {
+                socket_timeout = Some(
+                    positive_seconds(&value)
+                        .ok_or_else(|| bad("must be a number of seconds greater than 0"))?,
+                );
             }
             "connection_attempts" => {
                 connection_attempts = value
@@ -123,17 +187,29 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
                     .ok_or_else(|| bad("must be a whole number of at least 1"))?;
             }
             "retry_delay" => {
-                let secs: f64 = value.parse().map_err(|_| bad("must be seconds"))?;
-                if !(secs >= 0.0 && secs.is_finite()) {
-                    return Err(bad("must be 0 seconds or more"));
-                }
-                retry_delay = Duration::from_secs_f64(secs);
+                retry_delay = value
+                    .parse()
+                    .ok()
+                    .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
+                    .ok_or_else(|| bad("must be a number of seconds, 0 or more"))?;
             }
             "channel_max" => {
-                query.channel_max = Some(value.parse().map_err(|_| bad("must be a number"))?);
+                query.channel_max = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|n| *n >= 1)
+                        .ok_or_else(|| bad("must be a whole number from 1 to 65535"))?,
+                );
             }
             "frame_max" => {
-                query.frame_max = Some(value.parse().map_err(|_| bad("must be a number"))?);
+                query.frame_max = Some(
+                    value
+                        .parse()
+                        .ok()
+                        .filter(|n| (4096..=131_072).contains(n))
+                        .ok_or_else(|| bad("must be a number of bytes from 4096 to 131072"))?,
+                );
             }
             "auth_mechanism" => {
                 query.auth_mechanism = Some(match value.to_ascii_lowercase().as_str() {
@@ -148,14 +224,21 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
             "locale" | "blocked_connection_timeout" => {}
             "ssl_options" => {
                 return Err(bad(
-                    "is not supported: set ca_cert, certfile and keyfile in the [tls] table instead",
+                    "is not supported: set ca_cert, certfile and keyfile in the [tls] table \
+                     instead",
+                ));
+            }
+            "client_properties" => {
+                return Err(bad(
+                    "is not supported: set them in the [client_properties] table instead",
                 ));
             }
             _ => {
                 return Err(bad(
                     "is not supported (fm understands heartbeat, connection_timeout, \
-                     socket_timeout, connection_attempts, retry_delay, channel_max, frame_max, \
-                     auth_mechanism, locale, blocked_connection_timeout)",
+                     stack_timeout, socket_timeout, connection_attempts, retry_delay, \
+                     channel_max, frame_max, auth_mechanism, locale and \
+                     blocked_connection_timeout)",
                 ));
             }
         }
@@ -173,9 +256,18 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
         },
         redacted,
         connection_timeout,
+        socket_timeout,
         connection_attempts,
         retry_delay,
     })
+}
+
+/// A number of seconds greater than 0 (pika accepts fractions).
+fn positive_seconds(value: &str) -> Option<Duration> {
+    let secs: f64 = value.parse().ok()?;
+    Duration::try_from_secs_f64(secs)
+        .ok()
+        .filter(|d| !d.is_zero())
 }
 
 #[cfg(test)]
@@ -220,7 +312,9 @@ mod tests {
 
     #[test]
     fn unknown_or_bad_parameters_are_refused_by_name_without_the_password() {
-        let err = parse("amqp://u:secret@h/?frobnicate=1").unwrap_err().to_string();
+        let err = parse("amqp://u:secret@h/?frobnicate=1")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("frobnicate"), "{err}");
         assert!(!err.contains("secret"), "{err}");
         let err = parse("amqp://h/?heartbeat=soon").unwrap_err().to_string();
@@ -233,8 +327,154 @@ mod tests {
 
     #[test]
     fn redaction_hides_only_the_password() {
-        assert_eq!(redact("amqp://user:secret@host/%2F"), "amqp://user:***@host/%2F");
+        assert_eq!(
+            redact("amqp://user:secret@host/%2F"),
+            "amqp://user:***@host/%2F"
+        );
         assert_eq!(redact("amqp://host/"), "amqp://host/");
-        assert_eq!(redact("amqp://u:s@cr:et@[bad"), "amqp://***@[bad");
+        assert_eq!(redact("amqp://u:s@cr:et@[bad"), "amqp://u:***@[bad");
+        // Fedora's empty password has nothing to hide.
+        assert_eq!(
+            redact("amqps://fedora:@rabbitmq.fedoraproject.org/%2Fpublic_pubsub"),
+            "amqps://fedora:@rabbitmq.fedoraproject.org/%2Fpublic_pubsub"
+        );
+        assert_eq!(
+            redact("amqp://?connection_attempts=3"),
+            "amqp://?connection_attempts=3"
+        );
+        assert_eq!(redact("not a url"), "not a url");
+    }
+
+    #[test]
+    fn redaction_hides_passwords_with_unencoded_special_characters() {
+        // A raw '/', '?' or '#' ends the authority early: the '@' comes later.
+        for (raw, shown) in [
+            ("amqp://u:pa/ss@host/vh", "amqp://***@host/vh"),
+            ("amqp://u:1234?x@host/", "amqp://***@host/"),
+            ("amqp://u:p#w@host:5672/%2F", "amqp://***@host:5672/%2F"),
+        ] {
+            assert_eq!(redact(raw), shown);
+        }
+    }
+
+    #[test]
+    fn parse_errors_never_show_the_password() {
+        for raw in [
+            "amqp://u:pa/ss@host/vh",
+            "amqp://u:s3cret@host:notaport/",
+            "amqp://u:s3cret@host/?heartbeat=x",
+            "amqp://u:s3cret@host/a/b",
+            "ftp://u:s3cret@host/",
+        ] {
+            let err = format!("{:#}", parse(raw).unwrap_err());
+            assert!(!err.contains("s3cret") && !err.contains("pa/ss"), "{err}");
+            assert!(err.contains("***"), "{err}");
+        }
+        let err = format!("{:#}", parse("amqp://u:pa/ss@host/vh").unwrap_err());
+        assert!(
+            err.contains("percent-encode") && err.contains("%2F for /"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn debug_output_shows_only_the_redacted_url() {
+        let u = parse("amqp://user:s3cret@host/").unwrap();
+        let debug = format!("{u:?}");
+        assert_eq!(debug, "BrokerUrl(\"amqp://user:***@host/\")");
+    }
+
+    #[test]
+    fn heartbeat_is_seconds_and_cannot_be_switched_off() {
+        assert_eq!(
+            parse("amqp://h/?heartbeat=30").unwrap().uri.query.heartbeat,
+            Some(30)
+        );
+        assert_eq!(
+            parse("amqp://h/?heartbeat_interval=5")
+                .unwrap()
+                .uri
+                .query
+                .heartbeat,
+            Some(5)
+        );
+        let err = parse("amqp://h/?heartbeat=0").unwrap_err().to_string();
+        assert!(
+            err.contains("heartbeat=\"0\"") && err.contains("switch heartbeats off"),
+            "{err}"
+        );
+        let err = parse("amqp://h/?heartbeat=70000").unwrap_err().to_string();
+        assert!(err.contains("1 to 65535"), "{err}");
+    }
+
+    #[test]
+    fn timeouts_attempts_and_delays() {
+        let u = parse("amqp://h/?stack_timeout=4&socket_timeout=0.5").unwrap();
+        assert_eq!(u.connection_timeout, Some(Duration::from_secs(4)));
+        assert_eq!(u.socket_timeout, Some(Duration::from_millis(500)));
+        let u = parse("amqp://h/").unwrap();
+        assert_eq!(
+            (
+                u.connection_timeout,
+                u.socket_timeout,
+                u.connection_attempts,
+                u.retry_delay
+            ),
+            (None, None, 1, Duration::from_secs(2))
+        );
+        assert_eq!(
+            parse("amqp://h/?retry_delay=0").unwrap().retry_delay,
+            Duration::ZERO
+        );
+        for (query, expected) in [
+            ("connection_timeout=0", "greater than 0"),
+            ("socket_timeout=-1", "greater than 0"),
+            ("connection_timeout=inf", "greater than 0"),
+            ("connection_attempts=0", "at least 1"),
+            ("retry_delay=-1", "0 or more"),
+            ("retry_delay=1e300", "0 or more"),
+            ("channel_max=0", "1 to 65535"),
+            ("frame_max=100", "4096 to 131072"),
+            ("auth_mechanism=gssapi", "external, plain or amqplain"),
+            ("client_properties=x", "[client_properties]"),
+        ] {
+            let err = parse(&format!("amqp://h/?{query}"))
+                .unwrap_err()
+                .to_string();
+            let key = query.split('=').next().unwrap();
+            assert!(
+                err.contains(key) && err.contains(expected),
+                "{query}: {err}"
+            );
+        }
+        // Accepted without effect.
+        parse("amqp://h/?locale=en_US&blocked_connection_timeout=30").unwrap();
+    }
+
+    #[test]
+    fn a_raw_slash_in_the_vhost_is_refused_with_the_encoded_form() {
+        let err = parse("amqps://h/public/pubsub").unwrap_err().to_string();
+        assert!(err.contains("%2F"), "{err}");
+        assert_eq!(parse("amqp://h/%2F").unwrap().uri.vhost, "/");
+        assert_eq!(parse("amqp://h").unwrap().uri.vhost, "/");
+        assert_eq!(parse("amqp://h/%2Fa%2Fb").unwrap().uri.vhost, "/a/b");
+    }
+
+    #[test]
+    fn user_names_and_passwords_are_percent_decoded() {
+        let u = parse("amqp://us%3Aer:p%2Fw%40@h/").unwrap();
+        assert_eq!(u.uri.authority.userinfo.username, "us:er");
+        assert_eq!(u.uri.authority.userinfo.password, "p/w@");
+        // A user without a password has an empty one (pika).
+        let u = parse("amqp://fm@h/").unwrap();
+        assert_eq!(
+            (
+                u.uri.authority.userinfo.username.as_str(),
+                u.uri.authority.userinfo.password.as_str()
+            ),
+            ("fm", "")
+        );
+        assert!(!parse("amqp://h/").unwrap().is_tls());
+        assert_eq!(parse("AMQPS://h/").unwrap().host_port(), "h:5671");
     }
 }

@@ -48,7 +48,8 @@ pub const ENTRY_SYMBOL: &[u8] = b"fm_plugin_v1\0";
 pub type fm_plugin_v1_fn = unsafe extern "C" fn() -> *const fm_plugin;
 
 /// `fm_host.log`.
-pub type fm_log_fn = unsafe extern "C" fn(ctx: *mut c_void, level: u32, msg: *const c_char, len: usize);
+pub type fm_log_fn =
+    unsafe extern "C" fn(ctx: *mut c_void, level: u32, msg: *const c_char, len: usize);
 
 /// `fm_plugin.init`.
 pub type fm_init_fn = unsafe extern "C" fn(
@@ -201,4 +202,3 @@ const _: () = {
 
 /// The smallest `struct_size` a table may declare and still have an `abi_major` to read.
 pub const FM_PLUGIN_MIN_HEADER: u32 = (std::mem::offset_of!(fm_plugin, abi_major) + 4) as u32;
-

@@ -27,13 +27,17 @@ pub enum Outcome {
 }
 
 pub mod abi;
+pub mod exec;
 pub mod plugin;
+pub mod python;
+pub mod worker;
 
 use std::sync::Arc;
 
-use crate::config::{CallbackKind, Config};
+use crate::config::{CallbackKind, CommandMode, Config};
 use crate::error::{Exit, code};
 use crate::message::Received;
+use crate::shutdown::Shutdown;
 
 /// The configured callback, ready to take messages.
 ///
@@ -42,13 +46,25 @@ use crate::message::Received;
 pub enum Handler {
     /// A native plugin (`callback = "/path/lib.so"` or `[callback] plugin = …`).
     Plugin(Arc<plugin::Plugin>),
+    /// `fm record`: write each message as a record-file line (see [`crate::record`]).
+    Record(Arc<crate::record::Recorder>),
+    /// A program run per message (`[callback] command = […]`, `mode = "exec"`).
+    Exec(Arc<exec::Exec>),
+    /// Long-lived programs fed messages on stdin (`mode = "worker"`).
+    Worker(Arc<worker::Pool>),
+    /// A fedora-messaging Python callback run by the bundled shim, one per slot.
+    Python {
+        target: String,
+        pool: Arc<worker::Pool>,
+    },
 }
 
 impl Handler {
     /// Build the callback the configuration names: load the plugin, start the workers…
     /// Errors say what is wrong and carry the exit code (1 for a plugin that cannot be
-    /// loaded, 2 for a configuration that cannot work).
-    pub async fn build(config: &Config) -> anyhow::Result<Handler> {
+    /// loaded, 2 for a configuration that cannot work). `shutdown` is what workers that keep
+    /// crashing stop.
+    pub async fn build(config: &Config, shutdown: &Shutdown) -> anyhow::Result<Handler> {
         let concurrency = config.callback.concurrency;
         match &config.callback.kind {
             None => Err(Exit::new(
@@ -85,10 +101,28 @@ impl Handler {
                 );
                 Ok(Handler::Plugin(Arc::new(plugin)))
             }
-            Some(other) => Err(Exit::new(
-                code::USAGE,
-                anyhow::anyhow!("callback {other:?} is not supported by this build"),
-            )),
+            Some(CallbackKind::Command {
+                argv,
+                mode: CommandMode::Exec,
+            }) => Ok(Handler::Exec(Arc::new(exec::Exec::new(config, argv)?))),
+            Some(CallbackKind::Command {
+                argv,
+                mode: CommandMode::Worker,
+            }) => {
+                let spec = worker::Spec::command(argv, config.consumer_config_json());
+                let pool = worker::Pool::start(spec, &config.callback, shutdown.clone()).await?;
+                Ok(Handler::Worker(Arc::new(pool)))
+            }
+            Some(CallbackKind::Python {
+                target,
+                interpreter,
+            }) => {
+                let pool = python::start(config, target, interpreter, shutdown.clone()).await?;
+                Ok(Handler::Python {
+                    target: target.clone(),
+                    pool: Arc::new(pool),
+                })
+            }
         }
     }
 
@@ -96,6 +130,10 @@ impl Handler {
     pub fn describe(&self) -> String {
         match self {
             Handler::Plugin(p) => format!("plugin:{}", p.name()),
+            Handler::Record(r) => r.describe(),
+            Handler::Exec(e) => e.describe(),
+            Handler::Worker(w) => format!("worker:{}", w.describe()),
+            Handler::Python { target, .. } => target.clone(),
         }
     }
 
@@ -103,6 +141,9 @@ impl Handler {
     /// threads, so heartbeats and other deliveries keep flowing.
     pub async fn handle(&self, msg: Arc<Received>) -> Outcome {
         match self {
+            Handler::Record(r) => r.handle(msg).await,
+            Handler::Exec(e) => e.handle(&msg).await,
+            Handler::Worker(pool) | Handler::Python { pool, .. } => pool.handle(msg).await,
             Handler::Plugin(p) => {
                 let p = Arc::clone(p);
                 tokio::task::spawn_blocking(move || p.handle(&msg))
@@ -115,6 +156,9 @@ impl Handler {
     /// Stop the callback (the plugin's `shutdown`, workers' exit). Called once at exit.
     pub async fn shutdown(&self) {
         match self {
+            Handler::Record(r) => r.finish().await,
+            Handler::Exec(_) => {}
+            Handler::Worker(pool) | Handler::Python { pool, .. } => pool.shutdown().await,
             Handler::Plugin(p) => {
                 let p = Arc::clone(p);
                 let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;

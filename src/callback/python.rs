@@ -1,0 +1,140 @@
+//! Python callbacks: fedora-messaging's `callback = "package.module:attribute"`, run unchanged.
+//!
+//! A team moving to fm keeps its consumers: fm runs the bundled shim (`python/fm_shim.py`) as a
+//! [worker](super::worker) per concurrency slot, under `python3` or `[callback] interpreter`
+//! (a virtualenv's python, say). The shim imports the callback once, rebuilds a real
+//! `fedora_messaging.message.Message` from each message with fedora-messaging's own decoder,
+//! sets `fedora_messaging.config.conf` (with `consumer_config`), calls the callback and maps
+//! `Nack`/`Drop`/`HaltConsumer`/other exceptions onto the worker protocol.
+//!
+//! Choices, and why:
+//! - **The shim is embedded in the binary** and handed to the interpreter through the
+//!   environment (`python3 -c <bootstrap>` reads `$FM_SHIM_SOURCE`), so fm finds it wherever it
+//!   is installed, nothing is written to disk, and there is no stale copy to go out of date.
+//! - **The protocol runs over a Unix socket on the shim's stdin**, not over stdout: a callback's
+//!   stdout is fm's stdout, so `fedora_messaging.example:printer` prints exactly what it prints
+//!   under `fedora-messaging consume`, when it prints it. The shim flushes it after every message.
+//! - **Loading errors stop fm at start**, as they stop `fedora-messaging consume`: an import
+//!   error or a missing attribute exits 1, a callback that is not callable exits 2.
+//! - **Logging**: the shim configures Python's logging with the levels of `[log_config]` (root
+//!   and named loggers) and writes records to stderr with their level name; fm logs them at that
+//!   level under the `fm::callback` target.
+//! - A class is instantiated once **per worker process**, so with `concurrency = N` there are N
+//!   instances (fedora-messaging has one, and runs one message at a time).
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Map, Value};
+use tracing::level_filters::LevelFilter;
+
+use super::worker::{Pool, Spec, Transport};
+use crate::config::{Config, LogConfig};
+use crate::shutdown::Shutdown;
+
+/// The shim's source, embedded at build time.
+pub const SHIM: &str = include_str!("../../python/fm_shim.py");
+
+/// The `-c` program: run the shim from the environment, under its own file name for tracebacks.
+const BOOTSTRAP: &str =
+    "import os;exec(compile(os.environ.pop('FM_SHIM_SOURCE'),'fm_shim.py','exec'))";
+
+/// How long the interpreter may take to import the callback and say it is ready.
+const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// How to start the shim for `target` under `interpreter`.
+pub fn spec(config: &Config, target: &str, interpreter: &Path) -> Spec {
+    let mut env = vec![
+        ("FM_SHIM_SOURCE".to_owned(), SHIM.to_owned()),
+        (
+            "FM_CONSUMER_CONFIG".to_owned(),
+            config.consumer_config_json(),
+        ),
+        ("FM_LOG_LEVELS".to_owned(), log_levels(&config.log_config)),
+    ];
+    if let Some(path) = &config.path {
+        env.push(("FM_CONFIG_FILE".to_owned(), path.display().to_string()));
+    }
+    Spec {
+        argv: vec![
+            interpreter.display().to_string(),
+            "-c".into(),
+            BOOTSTRAP.into(),
+            target.into(),
+        ],
+        env,
+        transport: Transport::Socket,
+        handshake: Some(READY_WITHIN),
+        leveled_stderr: true,
+        what: format!("python callback '{target}'"),
+    }
+}
+
+/// Start one shim per concurrency slot; errors (interpreter missing, callback not importable)
+/// carry exit code 1, or 2 for a callback that is not callable.
+pub async fn start(
+    config: &Config,
+    target: &str,
+    interpreter: &Path,
+    shutdown: Shutdown,
+) -> anyhow::Result<Pool> {
+    Pool::start(
+        spec(config, target, interpreter),
+        &config.callback,
+        shutdown,
+    )
+    .await
+}
+
+/// `[log_config]` levels as the shim's `FM_LOG_LEVELS`: `{"root": "WARNING", "loggers":
+/// {"name": "INFO"}}` in Python's level names.
+fn log_levels(log: &LogConfig) -> String {
+    fn python(level: LevelFilter) -> Value {
+        match level {
+            LevelFilter::OFF => Value::from(100), // above CRITICAL: nothing
+            LevelFilter::ERROR => "ERROR".into(),
+            LevelFilter::WARN => "WARNING".into(),
+            LevelFilter::INFO => "INFO".into(),
+            _ => "DEBUG".into(),
+        }
+    }
+    let loggers: Map<String, Value> = log
+        .loggers
+        .iter()
+        .map(|(name, level)| (name.clone(), python(*level)))
+        .collect();
+    serde_json::json!({"root": python(log.root), "loggers": loggers}).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_shim_gets_the_target_the_interpreter_and_the_settings() {
+        let config = Config::from_toml_str(
+            "[consumer_config]\nkey = \"v\"\n[log_config.root]\nlevel = \"ERROR\"\n\
+             [log_config.loggers.mine]\nlevel = \"DEBUG\"\n",
+            Some(Path::new("/etc/fm/x.toml")),
+        )
+        .unwrap();
+        let spec = spec(&config, "pkg.mod:cb", Path::new("/venv/bin/python"));
+        assert_eq!(spec.argv[0], "/venv/bin/python");
+        assert_eq!(spec.argv[1..], ["-c", BOOTSTRAP, "pkg.mod:cb"]);
+        let env: std::collections::HashMap<_, _> = spec.env.into_iter().collect();
+        assert_eq!(env["FM_SHIM_SOURCE"], SHIM);
+        assert_eq!(env["FM_CONSUMER_CONFIG"], r#"{"key":"v"}"#);
+        assert_eq!(env["FM_CONFIG_FILE"], "/etc/fm/x.toml");
+        assert_eq!(
+            env["FM_LOG_LEVELS"],
+            r#"{"root":"ERROR","loggers":{"mine":"DEBUG"}}"#
+        );
+        assert_eq!(spec.transport, Transport::Socket);
+    }
+
+    #[test]
+    fn the_embedded_shim_is_the_python_file() {
+        assert!(SHIM.contains("def main():"));
+        assert!(SHIM.contains("\"ready\": True"));
+    }
+}
