@@ -99,13 +99,26 @@ impl Spec {
     /// A command worker (`mode = "worker"`).
     pub fn command(argv: &[String], consumer_config: String) -> Spec {
         Spec {
-            what: format!("worker '{}'", program_name(&argv[0])),
+            what: format!("worker '{}'", short_command(argv)),
             argv: argv.to_vec(),
             env: vec![("FM_CONSUMER_CONFIG".into(), consumer_config)],
             transport: Transport::Pipes,
             handshake: None,
             leveled_stderr: false,
         }
+    }
+}
+
+/// `argv` for messages: paths shortened to their file names, at most 60 characters.
+fn short_command(argv: &[String]) -> String {
+    let words: Vec<String> = argv
+        .iter()
+        .map(|a| if a.contains('/') { program_name(a) } else { a.clone() })
+        .collect();
+    let text = words.join(" ");
+    match text.char_indices().nth(60) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text,
     }
 }
 
@@ -852,6 +865,13 @@ mod tests {
         );
         assert!(outcome("ok", OnError::Halt).is_err());
         assert!(outcome("", OnError::Halt).is_err());
+    }
+
+    #[test]
+    fn commands_are_named_short() {
+        let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(short_command(&argv(&["/usr/bin/python3", "/srv/w/worker.py", "-v"])), "python3 worker.py -v");
+        assert_eq!(short_command(&argv(&["w", &"x".repeat(100)])).chars().count(), 61);
     }
 
     #[test]

@@ -6,3 +6,9 @@ mod util;
 
 mod consume;
 mod smoke;
+mod ops;
+mod exec;
+mod faults;
+mod tls;
+mod failover;
+mod worker;
