@@ -182,32 +182,40 @@ async fn check_python(target: &str, interpreter: &str, report: &mut Report) {
         }
     };
     let module = target.split_once(':').map_or(target, |(m, _)| m);
+    // fm's shim rebuilds fedora_messaging's own Message objects: that package must be there too.
     let probe = "import importlib.util, sys\n\
-                 try:\n    found = importlib.util.find_spec(sys.argv[1]) is not None\n\
-                 except Exception as e:\n    print(e); found = False\n\
-                 sys.exit(0 if found else 3)\n";
+                 for name in sys.argv[1:]:\n\
+                 \x20   try:\n\
+                 \x20       found = importlib.util.find_spec(name) is not None\n\
+                 \x20   except Exception:\n\
+                 \x20       found = False\n\
+                 \x20   if not found:\n\
+                 \x20       print(name)\n\
+                 \x20       sys.exit(3)\n";
     let out = tokio::process::Command::new(&python)
-        .args(["-c", probe, module])
+        .args(["-c", probe, "fedora_messaging", module])
         .stdin(std::process::Stdio::null())
         .output()
         .await;
     match out {
         Ok(out) if out.status.success() => report.ok(format!(
-            "callback: python {target}: module '{module}' found by {}",
+            "callback: python {target}: modules fedora_messaging and '{module}' found by {}",
             python.display()
         )),
         Ok(out) => {
-            let said = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let missing = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let missing = if missing.is_empty() {
+                module
+            } else {
+                missing.as_str()
+            };
             report.fail(
                 code::FAILURE,
                 format!(
-                    "callback: python {target}: {} cannot find module '{module}'{}",
-                    python.display(),
-                    if said.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" ({said})")
-                    }
+                    "callback: python {target}: {} cannot import module '{missing}' (is it \
+                     installed for that interpreter? [callback] interpreter can name a \
+                     virtualenv's python)",
+                    python.display()
                 ),
             );
         }

@@ -42,15 +42,15 @@ impl Cli {
 pub enum Command {
     /// Consume messages and hand each to the callback.
     Consume(ConsumeArgs),
-    /// Check what `fm consume` would use (configuration, callback, broker, queues, exchanges)
-    /// without consuming; exit with the status consume would exit with.
-    Check(ConsumeArgs),
-    /// Print a completion script for SHELL on stdout.
-    Completions(CompletionsArgs),
     /// Publish messages: one given on the command line, or a file of record-format lines.
     Publish(PublishArgs),
     /// Consume messages and write each as one record-format JSON line.
     Record(RecordArgs),
+    /// Check the configuration, callback, broker, queues and exchanges `fm consume` would use,
+    /// without consuming; exit with the status consume would exit with.
+    Check(ConsumeArgs),
+    /// Print a shell completion script on stdout.
+    Completions(CompletionsArgs),
 }
 
 /// The consume overrides fedora-messaging's `consume` accepts.

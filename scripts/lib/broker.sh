@@ -72,7 +72,7 @@ fm_unlock() {
 fm_ensure_packages() {
 	local p missing=()
 	for p in "${FM_PACKAGES[@]}"; do
-		dpkg-query -W -f='${Status}\n' "$p" 2>/dev/null | grep -q '^install ok installed$' || missing+=("$p")
+		[[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == "install ok installed" ]] || missing+=("$p")
 	done
 	command -v cc >/dev/null || missing+=(gcc)
 	if ((${#missing[@]} == 0)); then
@@ -228,7 +228,7 @@ EOF
 	grep -q 'BEGIN RSA PRIVATE KEY' client-pkcs1.key
 	grep -q 'BEGIN EC PRIVATE KEY' client-ec.key
 	for f in *.pem; do
-		openssl x509 -in "$f" -noout -text | grep -q 'Version: 3 (0x2)' || {
+		openssl x509 -in "$f" -noout -text | grep 'Version: 3 (0x2)' >/dev/null || {
 			echo "$f is not an X.509 v3 certificate" >&2
 			return 1
 		}
@@ -354,7 +354,8 @@ fm_beam_pid() {
 }
 
 fm_pid_has_env() { # PID VAR=VALUE
-	{ tr '\0' '\n' <"/proc/$1/environ"; } 2>/dev/null | grep -qxF -- "$2"
+	# Not grep -q: it could stop reading early and, under pipefail, tr's SIGPIPE would read as "no".
+	{ tr '\0' '\n' <"/proc/$1/environ"; } 2>/dev/null | grep -xF -- "$2" >/dev/null
 }
 
 # A process that exists and is not a zombie (an exited launcher waits a moment for init to reap it).
@@ -432,6 +433,23 @@ fm_allocate_node() {
 	exec {fd}>&-
 }
 
+# The Erlang cookie every node and CLI call of this user shares (see the top of this file). Erlang
+# creates it on first use, but two nodes booting at once on a fresh machine would race to do so.
+fm_ensure_cookie() {
+	local home cookie fd
+	if fm_is_root; then home=$(getent passwd rabbitmq | cut -d: -f6); else home=$HOME; fi
+	cookie=${home:?no home folder for the cookie}/.erlang.cookie
+	[[ -s $cookie ]] && return 0
+	exec {fd}>"$(fm_nodes_dir)/.ports.lock"
+	flock "$fd"
+	if [[ ! -s $cookie ]]; then
+		(umask 077 && printf '%s' "$(openssl rand -hex 16)" >"$cookie")
+		chmod 400 "$cookie"
+		if fm_is_root; then chown rabbitmq:rabbitmq "$cookie"; fi
+	fi
+	exec {fd}>&-
+}
+
 # Per-node lock, so two callers (a test restarting the node, a developer) never start or stop the
 # same node at once. Released when the command ends.
 fm_with_node_lock() { # NAME COMMAND ARGS...
@@ -460,6 +478,7 @@ fm_start_node() {
 		return 0
 	fi
 	[[ -f $FM_PKI/server.pem ]] || fm_die "no TLS material in $FM_PKI: run fm_ensure_pki first"
+	fm_ensure_cookie
 	[[ -f $dir/node.env ]] || fm_allocate_node "$name"
 	local NODE AMQP_PORT AMQPS_PORT DIST_PORT
 	fm_load_node "$name"

@@ -309,7 +309,10 @@ async fn slot(shared: Arc<Shared>, index: usize, mut worker: Option<Worker>) {
                     );
                     worker = Some(w);
                 }
-                Err(e) => shared.failed(index, format!("could not be restarted: {}", e.text)),
+                Err(e) => shared.failed(format!(
+                    "{} (worker {index}) could not be restarted: {}",
+                    shared.spec.what, e.text
+                )),
             }
             continue;
         };
@@ -325,7 +328,11 @@ async fn slot(shared: Arc<Shared>, index: usize, mut worker: Option<Worker>) {
                     Err(e) => format!("could not be waited for: {e}"),
                 };
                 w.reaped = true;
-                shared.failed(index, format!("(pid {}) {how} while idle", pid_text(w.pid)));
+                shared.failed(format!(
+                    "{} (worker {index}, pid {}) {how} while idle",
+                    shared.spec.what,
+                    pid_text(w.pid)
+                ));
             }
             job = next_job(&shared) => {
                 let Some(job) = job else {
@@ -347,7 +354,7 @@ async fn slot(shared: Arc<Shared>, index: usize, mut worker: Option<Worker>) {
                             pid_text(w.pid)
                         );
                         let _ = job.reply.send(on_failure(shared.on_error, &id, reason.clone()));
-                        shared.failed(index, reason);
+                        shared.failed(reason);
                     }
                 }
             }
@@ -370,8 +377,9 @@ fn pid_text(pid: Option<u32>) -> String {
 }
 
 impl Shared {
-    /// Count a failure; at [`MAX_FAILURES`] in a row, stop fm with exit 13.
-    fn failed(&self, index: usize, reason: String) {
+    /// Count a failure (`reason` names the worker); at [`MAX_FAILURES`] in a row, stop fm
+    /// with exit 13.
+    fn failed(&self, reason: String) {
         let n = self.failures.fetch_add(1, Ordering::Relaxed) + 1;
         if n >= MAX_FAILURES {
             if !self.gave_up.swap(true, Ordering::Relaxed) {
@@ -384,9 +392,7 @@ impl Shared {
             }
         } else if !self.closing.is_cancelled() {
             tracing::warn!(
-                worker = index,
-                "{}: {reason}; restarting it in {:.1} s",
-                self.spec.what,
+                "{reason}; restarting it in {:.1} s",
                 restart_delay(n).as_secs_f64()
             );
         }

@@ -1081,6 +1081,49 @@ async fn check_exits_with_the_status_consume_would_exit_with() {
     assert!(!b.queue_exists(&missing).await);
 }
 
+#[tokio::test]
+async fn check_imports_nothing_but_finds_a_python_callbacks_modules() {
+    let Some(b) = util::broker() else { return };
+    if std::env::var_os("FM_TEST_VENV").is_none() {
+        util::skip("FM_TEST_VENV is not set: no interpreter with fedora-messaging");
+        return;
+    }
+    let python = b.venv_python();
+    let config = |target: &str| {
+        format!(
+            "amqp_url = \"{}\"\n[callback]\npython = \"{target}\"\ninterpreter = \"{}\"\n",
+            b.url(),
+            python.display()
+        )
+    };
+    let out = Fm::new()
+        .config_toml(&config("fedora_messaging.example:printer"))
+        .arg("check")
+        .run()
+        .await;
+    out.assert_code(0);
+    assert!(
+        out.stdout.contains(
+            "ok    callback: python fedora_messaging.example:printer: modules fedora_messaging \
+             and 'fedora_messaging.example' found by"
+        ),
+        "{}",
+        out.stdout
+    );
+    let out = Fm::new()
+        .config_toml(&config("fm_test_no_such_module:callback"))
+        .arg("check")
+        .run()
+        .await;
+    out.assert_code(1);
+    assert!(
+        out.stdout
+            .contains("cannot import module 'fm_test_no_such_module'"),
+        "{}",
+        out.stdout
+    );
+}
+
 /// A loopback port nothing listens on.
 fn closed_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();

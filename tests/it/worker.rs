@@ -87,13 +87,17 @@ async fn a_shell_worker_gets_record_lines_and_its_answers_ack() {
 async fn answers_ack_nack_drop_and_halt_act_on_the_message() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-answers").await;
+    let mut fm = s.fm(&py_worker(&s, "")).spawn();
+    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
     let ack = s.publish(&b, "ack", json!({})).await;
     let nack = s.publish(&b, "nack", json!({})).await;
     let drop = s.publish(&b, "drop", json!({})).await;
+    // ack, nack (returned), drop, then the nacked message again (acked this time).
+    wait_settled(&mut fm, 4).await;
     let halt = s.publish(&b, "halt", json!({})).await;
     let after = s.publish(&b, "ack", json!({"after": "halt"})).await;
 
-    let out = s.fm(&py_worker(&s, "")).run().await;
+    let out = fm.wait().await;
     out.assert_code(7);
     assert!(
         out.stderr
@@ -159,10 +163,10 @@ async fn a_worker_that_answers_garbage_fails_its_message_and_by_default_fm_exits
     let out = s.fm(&py_worker(&s, "")).run().await;
     out.assert_code(13);
     assert!(
-        out.stderr.contains(&format!(
-            "answered something that is not a protocol line (expected value at line 1 column 1): \
-             this is not a protocol line while handling message {id}"
-        )),
+        out.stderr.contains("answered something that is not a protocol line (")
+            && out.stderr.contains(&format!(
+                "): this is not a protocol line while handling message {id}"
+            )),
         "{}",
         out.stderr
     );
