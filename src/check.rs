@@ -182,7 +182,6 @@ async fn check_python(target: &str, interpreter: &str, report: &mut Report) {
         }
     };
     let module = target.split_once(':').map_or(target, |(m, _)| m);
-    // fm's shim rebuilds fedora_messaging's own Message objects: that package must be there too.
     let probe = "import importlib.util, sys\n\
                  for name in sys.argv[1:]:\n\
                  \x20   try:\n\
@@ -193,13 +192,13 @@ async fn check_python(target: &str, interpreter: &str, report: &mut Report) {
                  \x20       print(name)\n\
                  \x20       sys.exit(3)\n";
     let out = tokio::process::Command::new(&python)
-        .args(["-c", probe, "fedora_messaging", module])
+        .args(["-c", probe, module])
         .stdin(std::process::Stdio::null())
         .output()
         .await;
     match out {
         Ok(out) if out.status.success() => report.ok(format!(
-            "callback: python {target}: modules fedora_messaging and '{module}' found by {}",
+            "callback: python {target}: module '{module}' found by {}",
             python.display()
         )),
         Ok(out) => {

@@ -16,7 +16,7 @@
 # /var/lib/rabbitmq/.erlang.cookie; nothing in root's home is needed. As another user the scripts in
 # /usr/lib/rabbitmq/bin run directly under that user's own ~/.erlang.cookie.
 #
-# Functions (all print progress on stderr; only broker_env and fm_free_ports print on stdout):
+# Functions (progress goes to stderr; stdout carries only values such as broker_env's lines):
 #   fm_ensure_packages         apt-get install what the tests need, only when something is missing
 #   fm_ensure_venv             target/venv with fedora-messaging (reused when present)
 #   fm_ensure_pki              target/test-pki (see fm_make_pki for the files)
@@ -27,7 +27,7 @@
 #   broker_env NAME            eval-able `export FM_TEST_...=...` lines for the node
 #   broker_ctl NAME ARGS...    rabbitmqctl against the node
 #   broker_join NAME SEED      cluster node NAME with node SEED
-#   broker_gc                  remove test-* nodes left behind by dead scripts/test runs
+#   broker_gc                  remove nodes left behind by dead test runs (owner.pid)
 
 FM_ROOT=${FM_ROOT:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)}
 FM_TARGET=$FM_ROOT/target
@@ -646,11 +646,12 @@ broker_env() {
 	done
 }
 
-# Removes test-* nodes whose scripts/test run is gone (killed with SIGKILL, machine rebooted...).
-# Developer nodes (no owner.pid) are never touched.
+# Removes nodes whose owner is gone: a scripts/test run or a test process that started an extra
+# node, killed with SIGKILL, machine rebooted... Developer nodes (no owner.pid) are never touched.
 broker_gc() {
 	local d name owner
-	for d in "$(fm_nodes_dir)"/test-*; do
+	for d in "$(fm_nodes_dir)"/*/; do
+		d=${d%/}
 		[[ -d $d ]] || continue
 		name=${d##*/}
 		owner=$(cat "$d/owner.pid" 2>/dev/null || true)

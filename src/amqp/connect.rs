@@ -627,3 +627,75 @@ fn client_properties(config: &Config) -> ConnectionProperties {
         .unwrap_or("fm");
     props.with_connection_name(LongString::from(format!("fm: {name}")))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(toml: &str) -> Config {
+        Config::from_toml_str(toml, None).unwrap()
+    }
+
+    #[test]
+    fn tcp_failures_name_the_address_and_suggest_a_fix() {
+        let refused = || std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        let v4: SocketAddr = "127.0.0.1:5672".parse().unwrap();
+        let v6: SocketAddr = "[::1]:5672".parse().unwrap();
+        assert_eq!(
+            tcp_failure("localhost", 5672, &[(v6, refused()), (v4, refused())]),
+            "cannot connect to localhost:5672 (::1: connection refused; 127.0.0.1: connection \
+             refused); is the broker running and listening on that port?"
+        );
+        let unreachable = std::io::Error::from(std::io::ErrorKind::HostUnreachable);
+        assert_eq!(
+            tcp_failure("h", 1, &[(v4, unreachable)]),
+            "cannot connect to h:1 (host unreachable)"
+        );
+    }
+
+    #[test]
+    fn a_timeout_says_which_step_hung() {
+        let what = "no answer within 2.0 s (connection_timeout)";
+        assert_eq!(
+            timeout_text(what, Step::TlsHandshake, true),
+            "no answer within 2.0 s (connection_timeout) while in the TLS handshake; is it a \
+             TLS port?"
+        );
+        assert!(timeout_text(what, Step::AmqpHandshake, false).ends_with("needs amqps://)"));
+        assert!(timeout_text(what, Step::Connecting, false).contains("firewall"));
+        assert!(timeout_text(what, Step::Resolving, false).ends_with("looking up the host name"));
+    }
+
+    #[test]
+    fn io_errors_lose_their_os_error_number() {
+        let err = std::io::Error::from_raw_os_error(111);
+        assert_eq!(io_text(&err), "Connection refused");
+    }
+
+    #[test]
+    fn a_client_certificate_means_external_auth_on_tls_urls_only() {
+        // No [tls] files are needed for plain URLs, even when [tls] names missing ones.
+        let c = Connector::new(&config(
+            "amqp_url = [\"amqp://a/\", \"amqp://b/?auth_mechanism=plain\"]\n\
+             [tls]\ncertfile = \"/missing/c.pem\"\nkeyfile = \"/missing/k.pem\"\n",
+        ))
+        .unwrap();
+        assert!(c.tls.is_none());
+        assert!(
+            c.urls
+                .iter()
+                .all(|u| u.uri.query.auth_mechanism != Some(SASLMechanism::External))
+        );
+        assert_eq!(c.describe(), "amqp://a/, amqp://b/?auth_mechanism=plain");
+
+        // An amqps:// URL reads them, and says which is missing (exit 2).
+        let err = Connector::new(&config(
+            "amqp_url = \"amqps://a/\"\n[tls]\ncertfile = \"/missing/c.pem\"\n\
+             keyfile = \"/missing/k.pem\"\n",
+        ))
+        .err()
+        .unwrap();
+        assert_eq!(crate::error::exit_code_of(&err), code::USAGE);
+        assert!(format!("{err:#}").contains("[tls] certfile /missing/c.pem cannot be read"));
+    }
+}

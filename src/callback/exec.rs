@@ -120,6 +120,9 @@ impl Exec {
             }
         };
         let pid = child.id();
+        // If this future is dropped before the program ends (fm abandoning in-flight messages
+        // at shutdown_timeout), its whole group goes, not just the program.
+        let mut guard = GroupGuard(pid);
 
         // The message goes in from a task of its own: a program may write a lot before it reads
         // (or never read at all), and the pipes must keep draining meanwhile.
@@ -159,6 +162,7 @@ impl Exec {
                     kill_group(pid);
                     let _ = child.start_kill();
                     let _ = child.wait().await;
+                    guard.0 = None;
                     writer.abort();
                     return on_failure(
                         self.on_error,
@@ -172,6 +176,8 @@ impl Exec {
                 }
             },
         };
+        // Reaped: its id is no longer ours to kill.
+        guard.0 = None;
         // A background process may still hold stdin open and not read: stop trying.
         writer.abort();
         let _ = tokio::time::timeout(OUTPUT_GRACE, async {
@@ -197,6 +203,17 @@ impl Exec {
                     format!("'{}' {}", self.name, describe_status(status)),
                 ),
             },
+        }
+    }
+}
+
+/// Kills a process group when dropped, unless disarmed (`.0 = None`) once its leader is reaped.
+struct GroupGuard(Option<u32>);
+
+impl Drop for GroupGuard {
+    fn drop(&mut self) {
+        if self.0.is_some() {
+            kill_group(self.0);
         }
     }
 }
@@ -451,13 +468,16 @@ mod tests {
                 .unwrap_err()
                 .contains("not found in PATH")
         );
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("script.sh");
+        std::fs::write(&script, "#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let script = script.to_str().unwrap();
+        assert!(find_program(script).unwrap_err().contains("not executable"));
+        std::fs::set_permissions(script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(find_program(script).unwrap(), PathBuf::from(script));
         assert!(
-            find_program("/etc/hostname")
-                .unwrap_err()
-                .contains("not executable")
-        );
-        assert!(
-            find_program("/etc")
+            find_program(dir.path().to_str().unwrap())
                 .unwrap_err()
                 .contains("not a regular file")
         );

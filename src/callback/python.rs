@@ -67,6 +67,7 @@ pub fn spec(config: &Config, target: &str, interpreter: &Path) -> Spec {
         handshake: Some(READY_WITHIN),
         leveled_stderr: true,
         what: format!("python callback '{target}'"),
+        label: target.to_owned(),
     }
 }
 

@@ -38,7 +38,7 @@ use std::time::Duration;
 
 use anyhow::anyhow;
 use serde::Deserialize;
-use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -93,6 +93,8 @@ pub struct Spec {
     pub leveled_stderr: bool,
     /// What this is, for messages: "worker 'prog'", "python callback 'pkg.mod:fn'".
     pub what: String,
+    /// What its stderr lines are prefixed with in the log: the program, the Python target.
+    pub label: String,
 }
 
 impl Spec {
@@ -100,6 +102,7 @@ impl Spec {
     pub fn command(argv: &[String], consumer_config: String) -> Spec {
         Spec {
             what: format!("worker '{}'", short_command(argv)),
+            label: program_name(&argv[0]),
             argv: argv.to_vec(),
             env: vec![("FM_CONSUMER_CONFIG".into(), consumer_config)],
             transport: Transport::Pipes,
@@ -113,7 +116,13 @@ impl Spec {
 fn short_command(argv: &[String]) -> String {
     let words: Vec<String> = argv
         .iter()
-        .map(|a| if a.contains('/') { program_name(a) } else { a.clone() })
+        .map(|a| {
+            if a.contains('/') {
+                program_name(a)
+            } else {
+                a.clone()
+            }
+        })
         .collect();
     let text = words.join(" ");
     match text.char_indices().nth(60) {
@@ -468,7 +477,7 @@ impl Worker {
         let tail = Tail::default();
         let stderr = child.stderr.take().map(|pipe| {
             let (current, tail) = (Arc::clone(&current), tail.clone());
-            let name = program_name(&spec.argv[0]);
+            let name = spec.label.clone();
             let leveled = spec.leveled_stderr;
             tokio::spawn(forward_lines(pipe, move |line| {
                 tail.push(line);
@@ -576,6 +585,21 @@ impl Worker {
         let mut line = Vec::with_capacity(msg.record.len() + 1);
         line.extend_from_slice(msg.record.as_bytes());
         line.push(b'\n');
+        // Anything already waiting on its output was not asked for: a banner printed on stdout,
+        // a second answer to the last message. The stream is out of step.
+        if let Ok(ready) = tokio::time::timeout(Duration::ZERO, self.output.fill_buf()).await {
+            return Err(match ready {
+                Ok([]) => "closed its output".into(),
+                Ok(early) => format!(
+                    "wrote to stdout before it was given the message (stdout is for answers \
+                     only; log to stderr): {:.200}",
+                    trim_eol(&String::from_utf8_lossy(
+                        early.split(|&b| b == b'\n').next().unwrap_or_default()
+                    ))
+                ),
+                Err(e) => format!("could not be read from ({e})"),
+            });
+        }
         let input = self.input.as_mut().ok_or("has its input closed")?;
         let send = async {
             input.write_all(&line).await?;
@@ -876,8 +900,16 @@ mod tests {
     #[test]
     fn commands_are_named_short() {
         let argv = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(short_command(&argv(&["/usr/bin/python3", "/srv/w/worker.py", "-v"])), "python3 worker.py -v");
-        assert_eq!(short_command(&argv(&["w", &"x".repeat(100)])).chars().count(), 61);
+        assert_eq!(
+            short_command(&argv(&["/usr/bin/python3", "/srv/w/worker.py", "-v"])),
+            "python3 worker.py -v"
+        );
+        assert_eq!(
+            short_command(&argv(&["w", &"x".repeat(100)]))
+                .chars()
+                .count(),
+            61
+        );
     }
 
     #[test]

@@ -39,7 +39,8 @@ async fn exit_0_acks_65_drops_and_75_requeues() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-status").await;
     let mut fm = s.fm(&exec_config(&s, &[], "", "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
 
     let ack = s.publish(&b, "ack", json!({"n": 1})).await;
     let drop = s.publish(&b, "drop", json!({"n": 2})).await;
@@ -65,7 +66,8 @@ async fn by_default_a_failing_command_requeues_and_exits_13() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-halt").await;
     let mut fm = s.fm(&exec_config(&s, &[], "", "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let id = s.publish(&b, "status", json!({})).await;
 
     let out = fm.wait().await;
@@ -88,8 +90,11 @@ async fn by_default_a_failing_command_requeues_and_exits_13() {
 async fn with_on_error_drop_other_statuses_and_signals_drop_the_message() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-drop").await;
-    let mut fm = s.fm(&exec_config(&s, &[], "on_error = \"drop\"", "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    let mut fm = s
+        .fm(&exec_config(&s, &[], "on_error = \"drop\"", ""))
+        .spawn();
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
 
     let status = s.publish(&b, "status", json!({})).await;
     let signal = s.publish(&b, "signal", json!({})).await;
@@ -98,12 +103,22 @@ async fn with_on_error_drop_other_statuses_and_signals_drop_the_message() {
 
     assert_eq!(s.dead_lettered(&b).await, [status.clone(), signal.clone()]);
     let err = fm.stderr();
-    assert!(err.contains(&format!("'exec.sh' exited with status 3; dropping message {status}")), "{err}");
     assert!(
-        err.contains(&format!("'exec.sh' was killed by signal 9 (SIGKILL); dropping message {signal}")),
+        err.contains(&format!(
+            "'exec.sh' exited with status 3; dropping message {status}"
+        )),
         "{err}"
     );
-    assert!(s.out("").join(format!("{ack}.stdin")).is_file(), "consuming went on");
+    assert!(
+        err.contains(&format!(
+            "'exec.sh' was killed by signal 9 (SIGKILL); dropping message {signal}"
+        )),
+        "{err}"
+    );
+    assert!(
+        s.out("").join(format!("{ack}.stdin")).is_file(),
+        "consuming went on"
+    );
     fm.kill("TERM");
     fm.wait().await.assert_code(0);
     s.cleanup(&b).await;
@@ -113,8 +128,11 @@ async fn with_on_error_drop_other_statuses_and_signals_drop_the_message() {
 async fn with_on_error_requeue_a_failure_returns_the_message() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-requeue").await;
-    let mut fm = s.fm(&exec_config(&s, &[], "on_error = \"requeue\"", "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    let mut fm = s
+        .fm(&exec_config(&s, &[], "on_error = \"requeue\"", ""))
+        .spawn();
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
 
     let id = s.publish(&b, "failonce", json!({})).await;
     wait_settled(&mut fm, 2).await;
@@ -134,18 +152,22 @@ async fn a_command_past_its_timeout_is_killed_with_its_children() {
     let s = Setup::new(&b, "exec-timeout").await;
     let config = exec_config(&s, &[], "timeout = 1\non_error = \"drop\"", "");
     let mut fm = s.fm(&config).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
 
     let started = Instant::now();
     let id = s.publish(&b, "hang", json!({})).await;
     wait_settled(&mut fm, 1).await;
     let took = started.elapsed();
-    assert!(took >= Duration::from_millis(900), "killed after {took:?}, before the timeout");
+    assert!(
+        took >= Duration::from_millis(900),
+        "killed after {took:?}, before the timeout"
+    );
     assert!(took < Duration::from_secs(10), "killed only after {took:?}");
     assert!(fm.stderr().contains(&format!(
         "'exec.sh' did not finish within the 1.0 s timeout and was killed; dropping message {id}"
     )));
-    assert_eq!(s.dead_lettered(&b).await, [id.clone()]);
+    assert_eq!(s.dead_lettered(&b).await, [id.as_str()]);
 
     // The program and the `sleep` it started are gone: fm reaped the program (no zombie left),
     // and the `sleep` died with its process group.
@@ -163,7 +185,8 @@ async fn a_command_that_never_reads_stdin_is_fine() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-ignore").await;
     let mut fm = s.fm(&exec_config(&s, &[], "", "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
 
     // Far more than a pipe holds: fm's write fails with EPIPE once the program exits.
     let ignored = s
@@ -191,7 +214,8 @@ async fn the_message_reaches_the_program_byte_for_byte_with_its_environment() {
     let args = ["$HOME;ls", "a b", "*", "'\"`id`\""];
     let config = exec_config(&s, &args, "", "[consumer_config]\nkey = \"välue\"");
     let mut fm = s.fm(&config).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
 
     let nasty = "$(touch pwned); `touch pwned2`; echo 'single' \"double\" | cat > /dev/null && \
                  rm -rf ./nothing ; ${HOME} * ? [a-z] ~ # ! \\ \t\n\r\u{1b} end";
@@ -245,7 +269,8 @@ async fn output_goes_to_the_log_line_by_line_tagged_with_the_message_id() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-talk").await;
     let mut fm = s.fm(&exec_config(&s, &[], "", "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let id = s.publish(&b, "talk", json!({})).await;
     wait_settled(&mut fm, 1).await;
     fm.kill("TERM");
@@ -259,7 +284,10 @@ async fn output_goes_to_the_log_line_by_line_tagged_with_the_message_id() {
             .unwrap_or_else(|| panic!("no {stream} line in the log:\n{}", out.stderr));
         assert!(line.contains(&format!("message_id={id}")), "{line}");
     }
-    assert!(!out.stdout.contains("to stdout from"), "the program's stdout is not fm's");
+    assert!(
+        !out.stdout.contains("to stdout from"),
+        "the program's stdout is not fm's"
+    );
     s.cleanup(&b).await;
 }
 
@@ -281,8 +309,9 @@ async fn a_program_that_cannot_run_stops_fm_at_start_with_exit_1() {
         let out = Fm::new().config_toml(&config).arg("consume").run().await;
         out.assert_code(1);
         assert!(
-            out.stderr
-                .contains(&format!("[callback] command: cannot run '{program}': {why}")),
+            out.stderr.contains(&format!(
+                "[callback] command: cannot run '{program}': {why}"
+            )),
             "{}",
             out.stderr
         );
@@ -294,7 +323,9 @@ async fn a_program_that_cannot_run_stops_fm_at_start_with_exit_1() {
 
 /// A file in `tests/fixtures/callbacks`.
 pub(crate) fn fixture(name: &str) -> PathBuf {
-    util::repo_root().join("tests/fixtures/callbacks").join(name)
+    util::repo_root()
+        .join("tests/fixtures/callbacks")
+        .join(name)
 }
 
 /// The Python that runs the plain (no fedora-messaging) fixtures.
@@ -325,14 +356,19 @@ impl Setup {
             out: tempfile::tempdir().unwrap(),
         };
         b.declare_queue(&s.dlq).await;
-        b.declare_queue_with(&s.queue, durable(), s.queue_arguments()).await;
-        b.bind(&s.queue, "amq.topic", &format!("{}.#", s.queue)).await;
+        b.declare_queue_with(&s.queue, durable(), s.queue_arguments())
+            .await;
+        b.bind(&s.queue, "amq.topic", &format!("{}.#", s.queue))
+            .await;
         s
     }
 
     fn queue_arguments(&self) -> FieldTable {
         field_table([
-            ("x-dead-letter-exchange", AMQPValue::LongString(LongString::from(""))),
+            (
+                "x-dead-letter-exchange",
+                AMQPValue::LongString(LongString::from("")),
+            ),
             (
                 "x-dead-letter-routing-key",
                 AMQPValue::LongString(LongString::from(self.dlq.as_str())),
@@ -448,7 +484,10 @@ pub(crate) async fn wait_settled(fm: &mut FmProcess, n: usize) {
             return;
         }
         if let Some(status) = fm.wait_timeout(Duration::from_millis(20)).await {
-            panic!("fm exited ({status}) after settling {} of {n} messages:\n{log}", settled(&log));
+            panic!(
+                "fm exited ({status}) after settling {} of {n} messages:\n{log}",
+                settled(&log)
+            );
         }
         assert!(
             Instant::now() < deadline,

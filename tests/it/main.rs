@@ -4,11 +4,15 @@
 
 mod util;
 
+// One line per area, sorted (cargo fmt --check reorders them otherwise).
 mod consume;
-mod smoke;
-mod ops;
+mod docs;
 mod exec;
-mod faults;
-mod tls;
 mod failover;
+mod faults;
+mod ops;
+mod python;
+mod smoke;
+mod tls;
 mod worker;
+mod concurrency;

@@ -1104,8 +1104,8 @@ async fn check_imports_nothing_but_finds_a_python_callbacks_modules() {
     out.assert_code(0);
     assert!(
         out.stdout.contains(
-            "ok    callback: python fedora_messaging.example:printer: modules fedora_messaging \
-             and 'fedora_messaging.example' found by"
+            "ok    callback: python fedora_messaging.example:printer: module \
+             'fedora_messaging.example' found by"
         ),
         "{}",
         out.stdout

@@ -669,3 +669,71 @@ async fn plain_amqp_never_reads_the_tls_table() {
     proc.wait().await.assert_code(0);
     b.delete_queue(&queue).await;
 }
+
+/// Without `ca_cert`, the system's trust store decides (rustls-native-certs, which honours
+/// `SSL_CERT_FILE`): a store holding the test CA connects, one without it is named in the
+/// refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_ca_cert_the_system_trust_store_is_used() {
+    let Some(b) = util::broker() else { return };
+    let tls = format!(
+        "[tls]\ncertfile = \"{}\"\nkeyfile = \"{}\"\n",
+        b.pki_file("client.pem").display(),
+        b.pki_file("client.key").display()
+    );
+    let queue = b.unique("system-store");
+    let fm = Fm::new();
+    let out = fm.dir().join("out.jsonl");
+    let mut proc = fm
+        .config_toml(&consumer_config(b.amqps_url(), &queue, &out, "store", &tls))
+        .env("SSL_CERT_FILE", b.pki_file("ca.pem"))
+        .arg("consume")
+        .spawn();
+    proc.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
+    proc.kill("TERM");
+    proc.wait().await.assert_code(0);
+    b.delete_queue(&queue).await;
+
+    let fm = Fm::new();
+    let out = fm.dir().join("out.jsonl");
+    let output = fm
+        .config_toml(&consumer_config(b.amqps_url(), &queue, &out, "store", &tls))
+        .env("SSL_CERT_FILE", b.pki_file("other-ca.pem"))
+        .arg("consume")
+        .run()
+        .await;
+    output.assert_code(14);
+    assert!(
+        output.stderr.contains(
+            "the broker's certificate is not signed by a CA fm trusts: the system's trust store \
+             ([tls] ca_cert is not set) does not hold its issuer"
+        ),
+        "{}",
+        output.stderr
+    );
+}
+
+/// EXTERNAL asked for in the URL needs TLS and a client certificate: said at start (exit 2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn external_auth_without_a_client_certificate_is_a_configuration_error() {
+    let Some(b) = util::broker() else { return };
+    let plain = format!("{}?auth_mechanism=external", b.url());
+    refused(
+        &b,
+        &plain,
+        "",
+        2,
+        &["auth_mechanism=external needs TLS with a client certificate"],
+    )
+    .await;
+    let tls = tls_table(&b, "ca.pem", None, None);
+    refused(
+        &b,
+        &b.amqps_url_external(),
+        &tls,
+        2,
+        &["auth_mechanism=external needs a client certificate; set [tls] certfile and keyfile"],
+    )
+    .await;
+}

@@ -201,12 +201,20 @@ impl Broker {
         })
     }
 
-    /// Starts a new node for this test (a failover target, say), destroyed when the guard drops.
-    /// Takes a few seconds; its name is derived from this node's so scripts/test cleans it up
-    /// even if the test process dies.
+    /// Starts a new node for this test (a restart or failover target), destroyed when the guard
+    /// drops. Takes a few seconds. Should the test process die without unwinding, scripts/test
+    /// removes the node (its name starts with the run's) and so does the next `broker_gc`
+    /// (its owner pid is dead).
     pub fn extra_node(&self, label: &str) -> ExtraNode {
         let name = format!("{}-{label}-{:04x}", self.name, fastrand::u16(..));
-        self.broker_ctl_blocking(&["start", &name]);
+        let owner =
+            std::env::var("FM_TEST_OWNER_PID").unwrap_or_else(|_| std::process::id().to_string());
+        let mut cmd = self.broker_ctl_command(&["start", &name]);
+        cmd.env("FM_TEST_OWNER_PID", owner);
+        check_broker_ctl(
+            &["start", &name],
+            cmd.output().expect("running scripts/broker"),
+        );
         ExtraNode {
             broker: self.named(&name),
             ctl: self.broker_ctl_path().to_owned(),
@@ -585,7 +593,8 @@ impl Broker {
     }
 
     /// Stops the node (`rabbitmqctl stop`): connections drop, durable queues and persistent
-    /// messages are kept for [`Broker::start_node`].
+    /// messages are kept for [`Broker::start_node`]. On the shared node this cuts every test
+    /// running in parallel: restart tests use a node of their own, [`Broker::extra_node`].
     pub async fn stop_node(&self) {
         self.amqp.lock().await.take();
         self.broker_ctl_async(&["stop", &self.name]).await;

@@ -47,14 +47,21 @@ async fn a_shell_worker_gets_record_lines_and_its_answers_ack() {
         "",
     );
     let mut fm = s.fm(&config).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
-    let bodies = [json!({"a": "é ✓", "n": 1.5}), json!({"shell": "$(id); `id` 'x' \"y\""})];
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
+    let bodies = [
+        json!({"a": "é ✓", "n": 1.5}),
+        json!({"shell": "$(id); `id` 'x' \"y\""}),
+    ];
     let mut ids = Vec::new();
     for body in &bodies {
         ids.push(s.publish(&b, "any", body.clone()).await);
     }
     wait_settled(&mut fm, 2).await;
-    assert_eq!(fm.stderr().matches("Successfully consumed message").count(), 2);
+    assert_eq!(
+        fm.stderr().matches("Successfully consumed message").count(),
+        2
+    );
 
     // One record-format line per message, exactly what `fm record` would write.
     let lines: Vec<Value> = s
@@ -88,7 +95,8 @@ async fn answers_ack_nack_drop_and_halt_act_on_the_message() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-answers").await;
     let mut fm = s.fm(&py_worker(&s, "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let ack = s.publish(&b, "ack", json!({})).await;
     let nack = s.publish(&b, "nack", json!({})).await;
     let drop = s.publish(&b, "drop", json!({})).await;
@@ -100,20 +108,28 @@ async fn answers_ack_nack_drop_and_halt_act_on_the_message() {
     let out = fm.wait().await;
     out.assert_code(7);
     assert!(
-        out.stderr
-            .contains(&format!("consumer halted with exit code 7 on message {halt}: asked to stop")),
+        out.stderr.contains(&format!(
+            "consumer halted with exit code 7 on message {halt}: asked to stop"
+        )),
         "{}",
         out.stderr
     );
     let seen = seen(&s);
     assert_eq!(seen_of(&seen, &ack).len(), 1);
-    assert_eq!(seen_of(&seen, &nack).len(), 2, "nack returns it; it comes back");
+    assert_eq!(
+        seen_of(&seen, &nack).len(),
+        2,
+        "nack returns it; it comes back"
+    );
     assert_eq!(seen_of(&seen, &after).len(), 0, "nothing after the halt");
     assert_eq!(s.dead_lettered(&b).await, [drop]);
     // The halted message was acked; the one after it went back to the queue.
     b.wait_for_depth(&s.queue, 1).await;
     let left = b.get(&s.queue).await.unwrap();
-    assert_eq!(left.properties.message_id().as_ref().unwrap().as_str(), after);
+    assert_eq!(
+        left.properties.message_id().as_ref().unwrap().as_str(),
+        after
+    );
     s.cleanup(&b).await;
 }
 
@@ -122,7 +138,8 @@ async fn a_worker_that_crashes_mid_message_is_restarted_and_the_message_requeued
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-crash").await;
     let mut fm = s.fm(&py_worker(&s, "on_error = \"requeue\"")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let crash = s.publish(&b, "crash", json!({})).await;
     let ack = s.publish(&b, "ack", json!({})).await;
     // crash (requeued), crash again (acked by the new worker), ack.
@@ -163,7 +180,8 @@ async fn a_worker_that_answers_garbage_fails_its_message_and_by_default_fm_exits
     let out = s.fm(&py_worker(&s, "")).run().await;
     out.assert_code(13);
     assert!(
-        out.stderr.contains("answered something that is not a protocol line (")
+        out.stderr
+            .contains("answered something that is not a protocol line (")
             && out.stderr.contains(&format!(
                 "): this is not a protocol line while handling message {id}"
             )),
@@ -180,7 +198,8 @@ async fn a_worker_that_answers_garbage_is_replaced_and_processing_goes_on() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-garbage-go-on").await;
     let mut fm = s.fm(&py_worker(&s, "on_error = \"requeue\"")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let id = s.publish(&b, "garbage", json!({})).await;
     wait_settled(&mut fm, 2).await;
     let seen = seen(&s);
@@ -200,15 +219,17 @@ async fn a_worker_past_the_timeout_is_killed_and_replaced() {
     let mut fm = s
         .fm(&py_worker(&s, "on_error = \"requeue\"\ntimeout = 1"))
         .spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let id = s.publish(&b, "hang", json!({})).await;
     wait_settled(&mut fm, 2).await;
     let seen = seen(&s);
     let tries = seen_of(&seen, &id);
     assert_eq!(tries.len(), 2);
     assert!(
-        fm.stderr()
-            .contains(&format!("did not answer within the 1.0 s timeout while handling message {id}")),
+        fm.stderr().contains(&format!(
+            "did not answer within the 1.0 s timeout while handling message {id}"
+        )),
         "{}",
         fm.stderr()
     );
@@ -233,7 +254,10 @@ async fn a_worker_that_keeps_crashing_stops_fm_with_exit_13() {
         "{}",
         out.stderr
     );
-    assert!(out.stderr.contains(&format!("exited with status 4 while handling message {id}")));
+    assert!(
+        out.stderr
+            .contains(&format!("exited with status 4 while handling message {id}"))
+    );
     assert_eq!(seen_of(&seen(&s), &id).len(), 5);
     b.wait_for_depth(&s.queue, 1).await;
     s.cleanup(&b).await;
@@ -244,10 +268,11 @@ async fn a_fail_answer_follows_on_error() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-fail").await;
     let mut fm = s.fm(&py_worker(&s, "on_error = \"drop\"")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let id = s.publish(&b, "fail", json!({})).await;
     wait_settled(&mut fm, 1).await;
-    assert_eq!(s.dead_lettered(&b).await, [id.clone()]);
+    assert_eq!(s.dead_lettered(&b).await, [id.as_str()]);
     assert!(fm.stderr().contains(&format!(
         "failed on message {id}: ValueError: bad data; dropping message {id}"
     )));
@@ -255,7 +280,10 @@ async fn a_fail_answer_follows_on_error() {
     let again = s.publish(&b, "ack", json!({})).await;
     wait_settled(&mut fm, 2).await;
     let seen = seen(&s);
-    assert_eq!(seen_of(&seen, &id)[0]["pid"], seen_of(&seen, &again)[0]["pid"]);
+    assert_eq!(
+        seen_of(&seen, &id)[0]["pid"],
+        seen_of(&seen, &again)[0]["pid"]
+    );
     fm.kill("TERM");
     fm.wait().await.assert_code(0);
     s.cleanup(&b).await;
@@ -286,7 +314,8 @@ async fn workers_run_one_per_slot_and_stop_with_fm() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-slots").await;
     let mut fm = s.fm(&py_worker(&s, "concurrency = 3")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer").await;
+    fm.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let log = fm.stderr();
     let started = log
         .lines()
