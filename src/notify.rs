@@ -337,10 +337,26 @@ async fn health_tick(
     every: Duration,
 ) {
     let mut problem: Option<String> = None;
+    // Cleared if the broker refuses passive declares to this user (403): the round trip is
+    // then left out rather than failing the check for ever (and having systemd restart fm).
+    let mut round_trip = true;
     loop {
+        let timeout = probe_timeout(every);
         let check = tokio::select! {
             _ = stop.cancelled() => break,
-            c = check_health(&connection, &consumers, probe.as_ref(), probe_timeout(every)) => c,
+            c = check_health(&connection, &consumers, probe.as_ref().filter(|_| round_trip), timeout, round_trip) => c,
+        };
+        let check = match check {
+            Err(Unhealthy::Refused(why)) => {
+                tracing::warn!(
+                    "{why}: the broker refuses passive declares to this user, so the health \
+                     check now only watches the connection and the consumer channels"
+                );
+                round_trip = false;
+                Ok(())
+            }
+            Err(Unhealthy::Because(why)) => Err(why),
+            Ok(()) => Ok(()),
         };
         match check {
             Ok(()) => {
@@ -371,22 +387,46 @@ async fn health_tick(
     }
 }
 
-/// Healthy: the connection and every consumer channel are open, and the broker answers a
-/// passive declare of each queue within `timeout` showing at least one consumer on it.
+/// Why a health check failed.
+enum Unhealthy {
+    /// Something is wrong.
+    Because(String),
+    /// The broker answered the probe with 403 ACCESS_REFUSED: it is alive, but the probe
+    /// cannot be used with this user.
+    Refused(String),
+}
+
+impl From<String> for Unhealthy {
+    fn from(why: String) -> Unhealthy {
+        Unhealthy::Because(why)
+    }
+}
+
+/// Healthy: the connection and every consumer channel are open, and (with `round_trip`) the
+/// broker answers a passive declare of each queue within `timeout` showing at least one
+/// consumer on it.
 async fn check_health(
     connection: &ConnectionStatus,
     consumers: &[(Channel, String)],
     probe: Option<&Channel>,
     timeout: Duration,
-) -> Result<(), String> {
+    round_trip: bool,
+) -> Result<(), Unhealthy> {
     if !connection.connected() {
-        return Err("the connection to the broker is not open".into());
+        return Err(Unhealthy::Because(
+            "the connection to the broker is not open".into(),
+        ));
     }
     if let Some((_, queue)) = consumers.iter().find(|(c, _)| !c.status().connected()) {
-        return Err(format!("the channel consuming from '{queue}' is closed"));
+        return Err(format!("the channel consuming from '{queue}' is closed").into());
+    }
+    if !round_trip {
+        return Ok(());
     }
     let Some(probe) = probe.filter(|p| p.status().connected()) else {
-        return Err("the health-check channel is closed".into());
+        return Err(Unhealthy::Because(
+            "the health-check channel is closed".into(),
+        ));
     };
     for (_, queue) in consumers {
         let options = QueueDeclareOptions {
@@ -399,16 +439,25 @@ async fn check_health(
         )
         .await
         .map_err(|_| {
-            format!(
+            Unhealthy::Because(format!(
                 "the broker did not answer within {:.1} s (checking queue '{queue}')",
                 timeout.as_secs_f64()
-            )
+            ))
         })?
-        .map_err(|e| format!("checking queue '{queue}': {e}"))?;
+        .map_err(|e| {
+            let err = crate::amqp::errors::describe(e);
+            let why = format!("checking queue '{queue}': {err}");
+            if crate::amqp::errors::is_access_refused(&err) {
+                Unhealthy::Refused(why)
+            } else {
+                Unhealthy::Because(why)
+            }
+        })?;
         if declared.consumer_count() == 0 {
             return Err(format!(
                 "the broker reports no consumer on queue '{queue}', though fm registered one"
-            ));
+            )
+            .into());
         }
     }
     Ok(())

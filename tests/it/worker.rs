@@ -213,6 +213,33 @@ async fn a_worker_that_answers_garbage_is_replaced_and_processing_goes_on() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_chatters_on_stdout_fails_and_cannot_go_on() {
+    let Some(b) = util::broker() else { return };
+    let s = Setup::new(&b, "worker-banner").await;
+    let id = s.publish(&b, "ack", json!({})).await;
+    let out = s
+        .fm(&py_worker(&s, "on_error = \"requeue\""))
+        .env("FM_TEST_BANNER", "1")
+        .run()
+        .await;
+    out.assert_code(13);
+    assert!(
+        out.stderr.contains(&format!(
+            "wrote to stdout before it was given the message (stdout is for answers only; log \
+             to stderr): worker ready to serve while handling message {id}"
+        )) || out.stderr.contains(&format!(
+            "not a protocol line (expected value at line 1 column 1): worker ready to serve \
+             while handling message {id}"
+        )),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("failed 5 times in a row"));
+    b.wait_for_depth(&s.queue, 1).await;
+    s.cleanup(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_past_the_timeout_is_killed_and_replaced() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-timeout").await;
