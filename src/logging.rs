@@ -72,6 +72,12 @@ pub fn init(log_config: &LogConfig, verbosity: i8) {
             !journal && std::env::var_os("NO_COLOR").is_none() && std::io::stderr().is_terminal();
         let installed = tracing_subscriber::registry()
             .with(filter)
+            // lapin logs every frame at TRACE, the login frame (and its password) included:
+            // never let those through, whatever FM_LOG says.
+            .with(tracing_subscriber::filter::filter_fn(|meta| {
+                *meta.level() != tracing::Level::TRACE
+                    || !AMQP_TARGETS.iter().any(|t| meta.target().starts_with(t))
+            }))
             .with(journal.then(|| stderr_layer(ansi).without_time()))
             .with((!journal).then(|| stderr_layer(ansi)))
             .try_init();

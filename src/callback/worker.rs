@@ -259,11 +259,10 @@ impl Pool {
     pub async fn shutdown(&self) {
         self.shared.closing.cancel();
         let slots = std::mem::take(&mut *self.slots.lock().unwrap_or_else(PoisonError::into_inner));
+        // They stop side by side: one deadline for all.
+        let deadline = tokio::time::Instant::now() + STOP_GRACE + Duration::from_secs(1);
         for mut slot in slots {
-            if tokio::time::timeout(STOP_GRACE + Duration::from_secs(1), &mut slot)
-                .await
-                .is_err()
-            {
+            if tokio::time::timeout_at(deadline, &mut slot).await.is_err() {
                 slot.abort(); // dropping its worker kills it
             }
         }

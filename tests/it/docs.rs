@@ -33,10 +33,8 @@ fn plain(line: &str) -> String {
         match chars.next() {
             Some('f') => {
                 // \fB, \fI, \fR, \fP, or \f(XX
-                if chars.next() == Some('(') {
-                    chars.next();
-                    chars.next();
-                }
+                let extra = if chars.next() == Some('(') { 2 } else { 0 };
+                chars.by_ref().take(extra).for_each(drop);
             }
             Some('-') => out.push('-'),
             Some('e') | Some('\\') => out.push('\\'),
