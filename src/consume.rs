@@ -237,7 +237,10 @@ async fn session(ctx: &Arc<Context>, connected: &Connected, permits: &Arc<Semaph
         ));
     }
     // systemd's watchdog is fed only while this tick finds these consumers healthy.
-    let probed = consumers.iter().map(|(c, _, q)| (c.clone(), q.name.clone())).collect();
+    let probed = consumers
+        .iter()
+        .map(|(c, _, q)| (c.clone(), q.name.clone()))
+        .collect();
     crate::notify::start_health_tick(conn, probed, Arc::clone(&ctx.stats), stop.clone()).await;
     let mut end = None;
     while let Some(result) = loops.join_next().await {

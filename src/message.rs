@@ -32,6 +32,9 @@ pub const SENT_AT_HEADER: &str = "sent-at";
 pub const PRIORITY_HEADER: &str = "priority";
 /// The schema of fedora-messaging's base `Message` class.
 pub const BASE_SCHEMA: &str = "base.message";
+/// The package fedora-messaging (3.9) names in `fedora_messaging_schema_package` for
+/// [`BASE_SCHEMA`]: the distribution its entry point comes from.
+pub const BASE_SCHEMA_PACKAGE: &str = "fedora_messaging";
 
 /// Severity levels (fedora-messaging's `DEBUG`, `INFO`, `WARNING`, `ERROR`).
 pub const DEBUG: i64 = 10;
@@ -183,6 +186,9 @@ impl Message {
         priority: Option<i64>,
     ) -> Message {
         headers.insert(SCHEMA_HEADER.into(), Value::from(schema));
+        if schema == BASE_SCHEMA {
+            headers.insert(SCHEMA_PACKAGE_HEADER.into(), Value::from(BASE_SCHEMA_PACKAGE));
+        }
         headers.insert(SENT_AT_HEADER.into(), Value::from(utc_now_iso8601()));
         headers.insert(SEVERITY_HEADER.into(), Value::from(severity));
         headers.insert(PRIORITY_HEADER.into(), Value::from(priority.unwrap_or(0)));
@@ -200,11 +206,17 @@ impl Message {
     /// fedora-messaging's `load_message` + `publish` do: a schema header (`base.message` when
     /// absent; fm keeps a present one, having no schema registry to regenerate it from), a
     /// `sent-at` (kept when present), the severity (INFO when absent), the `priority` mirror,
-    /// and a new UUID4 id when it has none.
+    /// and a new UUID4 id when it has none. For `base.message`, the schema package header is
+    /// set to `fedora_messaging`, as fedora-messaging 3.9 regenerates it.
     pub fn prepare_for_publish(&mut self) {
-        self.headers
+        let schema = self
+            .headers
             .entry(SCHEMA_HEADER)
             .or_insert_with(|| Value::from(BASE_SCHEMA));
+        if schema == BASE_SCHEMA {
+            self.headers
+                .insert(SCHEMA_PACKAGE_HEADER.into(), Value::from(BASE_SCHEMA_PACKAGE));
+        }
         self.headers
             .entry(SENT_AT_HEADER)
             .or_insert_with(|| Value::from(utc_now_iso8601()));
@@ -720,6 +732,8 @@ mod tests {
         let mut msg = Message::from_record(json!({"topic": "t", "body": {"k": 1}})).unwrap();
         msg.prepare_for_publish();
         assert_eq!(msg.headers[SCHEMA_HEADER], "base.message");
+        // fedora-messaging 3.9 publishes base messages with the package named.
+        assert_eq!(msg.headers[SCHEMA_PACKAGE_HEADER], "fedora_messaging");
         assert_eq!(msg.headers[SEVERITY_HEADER], 20);
         assert_eq!(msg.headers[PRIORITY_HEADER], 0);
         assert_eq!(msg.priority, Some(0));
@@ -757,6 +771,10 @@ mod tests {
         assert_eq!(headers[SEVERITY_HEADER], 30);
         assert_eq!(headers[PRIORITY_HEADER], 0);
         assert_eq!(headers[SCHEMA_HEADER], "base.message");
+        assert_eq!(headers[SCHEMA_PACKAGE_HEADER], "fedora_messaging");
+        // Another schema: fm does not know its package, and does not make one up.
+        let other = Message::new_outgoing("t".into(), json!({}), Map::new(), "bodhi.x", INFO, None);
+        assert!(!other.headers.contains_key(SCHEMA_PACKAGE_HEADER));
     }
 
     #[test]

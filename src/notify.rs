@@ -22,8 +22,7 @@
 
 use std::io;
 use std::os::unix::net::{SocketAddr, UnixDatagram};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
 
 use lapin::options::QueueDeclareOptions;
@@ -119,11 +118,16 @@ pub fn health_interval() -> Duration {
 /// the pings. [`Running::finish`] ends both.
 pub struct Running {
     notifier: Arc<Notifier>,
-    stopping_sent: Arc<AtomicBool>,
-    done: CancellationToken,
+    stopping: Stopping,
     task: tokio::task::JoinHandle<()>,
+    /// Dropping it wakes the pinger, which then ends.
+    pinger_stop: Option<mpsc::Sender<()>>,
     pinger: Option<std::thread::JoinHandle<()>>,
 }
+
+/// Whether `STOPPING=1` was sent. The pinger holds the lock while it decides and sends, so no
+/// `WATCHDOG=1` can follow `STOPPING=1`.
+type Stopping = Arc<Mutex<bool>>;
 
 /// Start notifying systemd, if `NOTIFY_SOCKET` is set. `target` names the brokers for the
 /// status line before the first connection.
@@ -136,37 +140,40 @@ pub fn start(stats: Arc<Stats>, shutdown: Shutdown, target: String) -> Option<Ru
             return None;
         }
     };
-    let stopping_sent = Arc::new(AtomicBool::new(false));
-    let done = CancellationToken::new();
-    let pinger = watchdog_interval().map(|every| {
-        tracing::debug!(
-            "systemd watchdog every {:.3} s; health tick every {:.3} s",
-            every.as_secs_f64(),
-            health_interval().as_secs_f64()
-        );
-        let (notifier, stats, stopping, done) = (
-            Arc::clone(&notifier),
-            Arc::clone(&stats),
-            Arc::clone(&stopping_sent),
-            done.clone(),
-        );
-        std::thread::Builder::new()
-            .name("fm-watchdog".into())
-            .spawn(move || ping_while_healthy(&notifier, &stats, &stopping, &done, every))
-            .expect("spawning the watchdog thread")
-    });
+    let stopping = Stopping::default();
+    let (pinger_stop, pinger) = match watchdog_interval() {
+        None => (None, None),
+        Some(every) => {
+            tracing::debug!(
+                "systemd watchdog every {:.3} s; health tick every {:.3} s",
+                every.as_secs_f64(),
+                health_interval().as_secs_f64()
+            );
+            let (tx, rx) = mpsc::channel();
+            let (notifier, stats, stopping) = (
+                Arc::clone(&notifier),
+                Arc::clone(&stats),
+                Arc::clone(&stopping),
+            );
+            let thread = std::thread::Builder::new()
+                .name("fm-watchdog".into())
+                .spawn(move || ping_while_healthy(&notifier, &stats, &stopping, &rx, every))
+                .expect("spawning the watchdog thread");
+            (Some(tx), Some(thread))
+        }
+    };
     let task = tokio::spawn(report(
         Arc::clone(&notifier),
         stats,
         shutdown,
         target,
-        Arc::clone(&stopping_sent),
+        Arc::clone(&stopping),
     ));
     Some(Running {
         notifier,
-        stopping_sent,
-        done,
+        stopping,
         task,
+        pinger_stop,
         pinger,
     })
 }
@@ -176,8 +183,8 @@ impl Running {
     /// pinger.
     pub async fn finish(self) {
         self.task.abort();
-        self.done.cancel();
-        send_stopping(&self.notifier, &self.stopping_sent, "stopping");
+        send_stopping(&self.notifier, &self.stopping, "stopping");
+        drop(self.pinger_stop);
         if let Some(pinger) = self.pinger {
             let _ = tokio::task::spawn_blocking(move || pinger.join()).await;
         }
@@ -190,37 +197,51 @@ fn send(notifier: &Notifier, message: &str) {
     }
 }
 
-fn send_stopping(notifier: &Notifier, sent: &AtomicBool, status: &str) {
-    if !sent.swap(true, Ordering::SeqCst) {
+fn send_stopping(notifier: &Notifier, stopping: &Mutex<bool>, status: &str) {
+    let mut sent = stopping.lock().unwrap_or_else(|e| e.into_inner());
+    if !*sent {
+        *sent = true;
         send(notifier, &format!("STOPPING=1\nSTATUS={status}\n"));
     }
 }
 
 /// The pinger thread: every half interval, `WATCHDOG=1` if the health tick succeeded within
 /// the last half interval. Once stopping, no more pings (systemd's stop timeout applies then).
+/// Ends when `stop` is dropped.
 fn ping_while_healthy(
     notifier: &Notifier,
     stats: &Stats,
-    stopping: &AtomicBool,
-    done: &CancellationToken,
+    stopping: &Mutex<bool>,
+    stop: &mpsc::Receiver<()>,
     every: Duration,
 ) {
     let half = every / 2;
+    let period = half.min(Duration::from_millis(500)).max(TICK_MIN / 2);
     let mut was_healthy = true;
-    while !done.is_cancelled() && !stopping.load(Ordering::SeqCst) {
-        let healthy = stats.healthy_age().is_some_and(|age| age <= half);
-        if healthy {
-            send(notifier, "WATCHDOG=1\n");
-        } else if was_healthy && stats.healthy_age().is_some() {
-            tracing::warn!(
-                "the consumer has not been healthy for {:.1} s: no longer pinging systemd's \
-                 watchdog (it restarts fm after {:.1} s without a ping)",
-                stats.healthy_age().unwrap_or_default().as_secs_f64(),
-                every.as_secs_f64()
-            );
+    loop {
+        {
+            let stopping = stopping.lock().unwrap_or_else(|e| e.into_inner());
+            if *stopping {
+                return;
+            }
+            let age = stats.healthy_age();
+            let healthy = age.is_some_and(|age| age <= half);
+            if healthy {
+                send(notifier, "WATCHDOG=1\n");
+            } else if was_healthy && let Some(age) = age {
+                tracing::warn!(
+                    "the consumer has not been healthy for {:.1} s: no longer pinging \
+                     systemd's watchdog (it restarts fm after {:.1} s without a ping)",
+                    age.as_secs_f64(),
+                    every.as_secs_f64()
+                );
+            }
+            was_healthy = healthy;
         }
-        was_healthy = healthy;
-        std::thread::sleep(half.min(Duration::from_millis(500)).max(TICK_MIN / 2));
+        match stop.recv_timeout(period) {
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            _ => return,
+        }
     }
 }
 
@@ -231,7 +252,7 @@ async fn report(
     stats: Arc<Stats>,
     shutdown: Shutdown,
     target: String,
-    stopping_sent: Arc<AtomicBool>,
+    stopping: Stopping,
 ) {
     let mut changes = stats.subscribe();
     let mut ready = false;
@@ -239,7 +260,7 @@ async fn report(
     loop {
         if shutdown.is_triggered() {
             let status = status_line(&stats, &shutdown, &target);
-            send_stopping(&notifier, &stopping_sent, &status);
+            send_stopping(&notifier, &stopping, &status);
             return;
         }
         let status = status_line(&stats, &shutdown, &target);
@@ -337,26 +358,10 @@ async fn health_tick(
     every: Duration,
 ) {
     let mut problem: Option<String> = None;
-    // Cleared if the broker refuses passive declares to this user (403): the round trip is
-    // then left out rather than failing the check for ever (and having systemd restart fm).
-    let mut round_trip = true;
     loop {
-        let timeout = probe_timeout(every);
         let check = tokio::select! {
             _ = stop.cancelled() => break,
-            c = check_health(&connection, &consumers, probe.as_ref().filter(|_| round_trip), timeout, round_trip) => c,
-        };
-        let check = match check {
-            Err(Unhealthy::Refused(why)) => {
-                tracing::warn!(
-                    "{why}: the broker refuses passive declares to this user, so the health \
-                     check now only watches the connection and the consumer channels"
-                );
-                round_trip = false;
-                Ok(())
-            }
-            Err(Unhealthy::Because(why)) => Err(why),
-            Ok(()) => Ok(()),
+            c = check_health(&connection, &consumers, probe.as_ref(), probe_timeout(every)) => c,
         };
         match check {
             Ok(()) => {
@@ -387,46 +392,24 @@ async fn health_tick(
     }
 }
 
-/// Why a health check failed.
-enum Unhealthy {
-    /// Something is wrong.
-    Because(String),
-    /// The broker answered the probe with 403 ACCESS_REFUSED: it is alive, but the probe
-    /// cannot be used with this user.
-    Refused(String),
-}
-
-impl From<String> for Unhealthy {
-    fn from(why: String) -> Unhealthy {
-        Unhealthy::Because(why)
-    }
-}
-
-/// Healthy: the connection and every consumer channel are open, and (with `round_trip`) the
-/// broker answers a passive declare of each queue within `timeout` showing at least one
-/// consumer on it.
+/// Healthy: the connection and every consumer channel are open, and the broker answers a
+/// passive declare of each queue within `timeout` showing at least one consumer on it.
+/// (RabbitMQ answers passive declares for any user of the vhost, even one without any
+/// configure, write or read permission, so the probe works wherever consuming does.)
 async fn check_health(
     connection: &ConnectionStatus,
     consumers: &[(Channel, String)],
     probe: Option<&Channel>,
     timeout: Duration,
-    round_trip: bool,
-) -> Result<(), Unhealthy> {
+) -> Result<(), String> {
     if !connection.connected() {
-        return Err(Unhealthy::Because(
-            "the connection to the broker is not open".into(),
-        ));
+        return Err("the connection to the broker is not open".into());
     }
     if let Some((_, queue)) = consumers.iter().find(|(c, _)| !c.status().connected()) {
-        return Err(format!("the channel consuming from '{queue}' is closed").into());
-    }
-    if !round_trip {
-        return Ok(());
+        return Err(format!("the channel consuming from '{queue}' is closed"));
     }
     let Some(probe) = probe.filter(|p| p.status().connected()) else {
-        return Err(Unhealthy::Because(
-            "the health-check channel is closed".into(),
-        ));
+        return Err("the health-check channel is closed".into());
     };
     for (_, queue) in consumers {
         let options = QueueDeclareOptions {
@@ -439,25 +422,16 @@ async fn check_health(
         )
         .await
         .map_err(|_| {
-            Unhealthy::Because(format!(
+            format!(
                 "the broker did not answer within {:.1} s (checking queue '{queue}')",
                 timeout.as_secs_f64()
-            ))
+            )
         })?
-        .map_err(|e| {
-            let err = crate::amqp::errors::describe(e);
-            let why = format!("checking queue '{queue}': {err}");
-            if crate::amqp::errors::is_access_refused(&err) {
-                Unhealthy::Refused(why)
-            } else {
-                Unhealthy::Because(why)
-            }
-        })?;
+        .map_err(|e| format!("checking queue '{queue}': {e}"))?;
         if declared.consumer_count() == 0 {
             return Err(format!(
                 "the broker reports no consumer on queue '{queue}', though fm registered one"
-            )
-            .into());
+            ));
         }
     }
     Ok(())

@@ -22,7 +22,12 @@
 //! | returned as unroutable, or nacked | 121 | stops, unless `--keep-going` |
 //! | the broker closed the channel (403 refused, 404 no such exchange…) | 121 | stops |
 //! | not confirmed within `--timeout` | 111 | stops |
-//! | the connection lost and not back within `--timeout` | 111 | stops |
+//! | no connection within `--timeout` (at start, or after a loss) | 111 | stops |
+//! | the broker refused the login | 121 | stops |
+//! | reading the input failed, or SIGINT/SIGTERM | 1 | stops |
+//!
+//! With pipelining "the first failure" is fuzzy, so when several kinds happened the exit
+//! status is the first that applies of 121, 111, 1, 2.
 //!
 //! A lost connection is re-established (within `--timeout`) and the unconfirmed messages are
 //! sent again with the same ids, as fedora-messaging's publish retries on a new connection;
@@ -927,7 +932,7 @@ impl Publisher {
         for out in pending.into_iter().rev() {
             self.retry.push_front(out);
         }
-        SessionEnd::Lost(errors::describe(first))
+        SessionEnd::Lost(anyhow!("{}", loss_text(&first)))
     }
 
     /// Everything in flight is given up as unconfirmed.
@@ -956,7 +961,10 @@ impl Publisher {
                 .map_or("stopped".to_owned(), |r| r.reason.clone());
             self.stop = Some(Stop {
                 code: code::FAILURE,
-                reason: format!("interrupted ({why})"),
+                reason: format!(
+                    "interrupted ({why}) after line {} of {}",
+                    self.line, self.input_name
+                ),
                 interrupted: true,
             });
         }
@@ -1214,6 +1222,17 @@ fn soft_error(err: &lapin::Error) -> Option<String> {
             AMQPErrorKind::Hard(_) => None,
         },
         _ => None,
+    }
+}
+
+/// What a lost connection looks like, in words: lapin reports a publish on a dead
+/// connection as an "invalid channel state".
+fn loss_text(err: &lapin::Error) -> String {
+    match err.kind() {
+        ErrorKind::InvalidChannelState(..) | ErrorKind::InvalidConnectionState(_) => {
+            "the connection was closed (the broker stopped, or the network failed)".to_owned()
+        }
+        _ => errors::describe(err.clone()).to_string(),
     }
 }
 

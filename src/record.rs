@@ -184,11 +184,6 @@ impl Recorder {
         }
     }
 
-    /// Lines written so far.
-    pub fn count(&self) -> u64 {
-        self.out.lock().unwrap_or_else(|e| e.into_inner()).count
-    }
-
     /// At exit: clear the bar and sync a file to disk.
     pub async fn finish(self: &Arc<Self>) {
         if let Some(bar) = &self.bar {

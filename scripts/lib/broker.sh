@@ -36,7 +36,7 @@ FM_VENV=$FM_TARGET/venv
 FM_FEDORA_MESSAGING_VERSION=3.9.1
 # Bump when fm_make_pki changes, so existing material is regenerated.
 FM_PKI_VERSION=1
-FM_PACKAGES=(rabbitmq-server amqp-tools python3-venv openssl groff-base)
+FM_PACKAGES=(rabbitmq-server amqp-tools python3-venv openssl groff-base systemd man-db dpkg-dev)
 # The CLI tools pick their own distribution port in this range (Debian's default allows only 11,
 # too few when tests run rabbitmqctl in parallel). Node ports are allocated outside it.
 FM_CTL_DIST_MIN=35672

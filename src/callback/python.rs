@@ -30,6 +30,7 @@ use tracing::level_filters::LevelFilter;
 
 use super::worker::{Pool, Spec, Transport};
 use crate::config::{Config, LogConfig};
+use crate::error::{Exit, exit_code_of};
 use crate::shutdown::Shutdown;
 
 /// The shim's source, embedded at build time.
@@ -85,6 +86,20 @@ pub async fn start(
         shutdown,
     )
     .await
+    .map_err(|err| {
+        let text = format!("{err:#}");
+        if !text.contains("No module named") {
+            return err;
+        }
+        Exit::new(
+            exit_code_of(&err),
+            anyhow::anyhow!(
+                "{text}; is it installed for {}? Set [callback] interpreter to the python of the \
+                 virtualenv that has it",
+                interpreter.display()
+            ),
+        )
+    })
 }
 
 /// `[log_config]` levels as the shim's `FM_LOG_LEVELS`: `{"root": "WARNING", "loggers":

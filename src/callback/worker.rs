@@ -5,21 +5,26 @@
 //! `fm-callbacks(7)`):
 //!
 //! - fm writes one record-format JSON line per message to the worker's stdin;
-//! - the worker answers with one JSON line on stdout:
+//! - the worker answers with one JSON object on one line on stdout:
 //!   `{"result": "ack"|"nack"|"drop"|"halt"|"fail", "exit_code": N, "requeue": bool,
-//!   "error": "…"}` (only `result` is required); `halt` stops fm with `exit_code` (default 0),
-//!   requeueing the message if `requeue`; `fail` is an unexpected failure, handled per
-//!   `[callback] on_error`; `error` is logged;
-//! - one message is in flight per worker; stderr goes to fm's log, line by line, tagged with
-//!   the worker and the message it is working on;
+//!   "error": "…"}`. Only `result` is required and other keys are ignored. `halt` stops fm
+//!   with `exit_code` (default 0), requeueing the message if `requeue` (default false); `fail`
+//!   is an unexpected failure, handled per `[callback] on_error`; `error` is logged (it is the
+//!   reason of a halt or a failure);
+//! - one message is in flight per worker, so stdout carries answers and nothing else: a line
+//!   that is not an answer, or output written before a message was sent, is a protocol error;
+//! - stderr goes to fm's log, line by line, tagged with the worker and the message it is on;
+//! - the environment is fm's plus `FM_WORKER_INDEX` (0 to N-1) and `FM_CONSUMER_CONFIG` (the
+//!   `[consumer_config]` table as JSON); each worker leads a process group of its own;
 //! - at shutdown fm closes stdin: the worker should exit then. One still running after
 //!   [`STOP_GRACE`] is killed.
 //!
-//! A worker that exits, writes something that is not an answer, or does not answer within
-//! `[callback] timeout` has failed its message (handled per `on_error`); its process group is
-//! killed and it is restarted after a pause that doubles with each failure in a row. After
-//! [`MAX_FAILURES`] failures in a row (no answer in between) fm gives up: it stops with exit
-//! 13, naming the last failure.
+//! A worker that exits, breaks the protocol, or does not answer within `[callback] timeout`
+//! has failed its message (handled per `on_error`); its process group is killed and it is
+//! restarted after a pause that doubles with each failure in a row. After [`MAX_FAILURES`]
+//! failures in a row (no answer in between) fm gives up: it stops with exit 13, naming the last
+//! failure. A worker that cannot be started at all (program not found) stops fm at start with
+//! exit 1.
 //!
 //! The Python shim ([`super::python`]) is a worker too, with two differences the [`Spec`]
 //! carries: it talks over a Unix socket on its stdin (so its stdout stays fm's stdout, where a
@@ -415,7 +420,7 @@ struct Worker {
     input: Option<Box<dyn AsyncWrite + Send + Unpin>>,
     /// Answers come from here.
     output: BufReader<Box<dyn AsyncRead + Send + Unpin>>,
-    /// The message being handled, for the stderr tag.
+    /// The message being (or last) handled, for the stderr tag.
     current: Arc<Mutex<Option<String>>>,
     /// Forwards stderr to the log; ends at end of file.
     stderr: Option<JoinHandle<()>>,
@@ -564,9 +569,9 @@ impl Worker {
     async fn handle(&mut self, msg: &Received, shared: &Shared) -> Result<Outcome, String> {
         let id = msg.id_for_log();
         *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(id.to_owned());
-        let result = self.exchange(msg, shared.timeout).await;
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = None;
-        let line = result?;
+        // The id stays until the next message: stderr lines arrive on their own pipe, often
+        // just after the answer they belong with.
+        let line = self.exchange(msg, shared.timeout).await?;
         let answer: Answer = serde_json::from_slice(&line).map_err(|e| {
             format!(
                 "answered something that is not a protocol line ({e}): {:.200}",
@@ -619,20 +624,27 @@ impl Worker {
         let read = read_answer(&mut self.output);
         tokio::pin!(read);
         let exited = tokio::select! {
-            r = &mut read => return answered(r),
+            r = &mut read => match r {
+                // End of file: it is most likely exiting; say how, if it does soon.
+                Ok(line) if line.is_empty() => {
+                    return Err(match tokio::time::timeout(LAST_WORDS, self.child.wait()).await {
+                        Ok(status) => {
+                            self.reaped = true;
+                            exit_text(status)
+                        }
+                        Err(_) => "closed its output".into(),
+                    });
+                }
+                r => return answered(r),
+            },
             _ = &mut too_late => return Err(timed_out(timeout)),
             status = self.child.wait() => status,
         };
+        self.reaped = true;
         // It exited: it may have answered just before.
         match tokio::time::timeout(LAST_WORDS, &mut read).await {
             Ok(Ok(line)) if !line.is_empty() => answered(Ok(line)),
-            _ => {
-                self.reaped = true;
-                Err(match exited {
-                    Ok(status) => describe_status(status),
-                    Err(e) => format!("could not be waited for ({e})"),
-                })
-            }
+            _ => Err(exit_text(exited)),
         }
     }
 
@@ -697,6 +709,13 @@ impl Drop for Worker {
         if !self.reaped && matches!(self.child.try_wait(), Ok(None)) {
             kill_group(self.pid);
         }
+    }
+}
+
+fn exit_text(status: std::io::Result<std::process::ExitStatus>) -> String {
+    match status {
+        Ok(status) => describe_status(status),
+        Err(e) => format!("could not be waited for ({e})"),
     }
 }
 

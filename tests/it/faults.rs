@@ -236,7 +236,7 @@ async fn sigterm_with_8_slow_callbacks_in_flight_finishes_and_acks_them() {
         broker.bind(&queue, "amq.topic", &format!("{queue}.#")).await;
         publish_many(broker.url(), &format!("{queue}.slow2"), 20, &json!({})).await
     };
-    let mut proc = Fm::new().config_toml(&cfg).arg("consume").spawn();
+    let proc = Fm::new().config_toml(&cfg).arg("consume").spawn();
     // Eight callbacks start at once (each records before sleeping).
     let deadline = Instant::now() + Duration::from_secs(30);
     while handled(&out).len() < 8 {

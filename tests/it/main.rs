@@ -5,14 +5,16 @@
 mod util;
 
 // One line per area, sorted (cargo fmt --check reorders them otherwise).
+mod concurrency;
 mod consume;
 mod docs;
 mod exec;
 mod failover;
 mod faults;
 mod ops;
+mod publish;
 mod python;
+mod record;
 mod smoke;
 mod tls;
 mod worker;
-mod concurrency;

@@ -473,7 +473,8 @@ async fn a_callback_that_cannot_be_loaded_stops_fm_at_start_like_fedora_messagin
         (
             "no_such_module_here:cb",
             1,
-            "Failed to import the callback module (No module named 'no_such_module_here')",
+            "Failed to import the callback module (No module named 'no_such_module_here'); is \
+             it installed for ",
         ),
         (
             "fm_test_callbacks:missing",

@@ -1,0 +1,571 @@
+# SPDX-License-Identifier: MIT
+"""The benchmark driver behind scripts/bench (which installs what it needs, builds fm in release
+mode and starts a private RabbitMQ node, then runs this with the node's URL).
+
+What it measures, and how (BENCHMARKS.md says the same for readers):
+
+- Consume runs. Before every run the durable queue ``fm-bench`` is purged and pre-filled with
+  N fedora-messaging messages (200-byte JSON bodies, persistent) by ``fm-bench fill``. Then
+  ``fm-bench watch`` polls the queue's ready count every 5 ms while the consumer under test
+  starts: the rate is the number of messages that left the queue between the first poll that
+  saw a delivery and the first poll that saw it empty, over the time between them. With a
+  prefetch window of P the broker only sends a message when one is acked, so that is the
+  consumer's ack rate, start-up excluded, measured the same way for every consumer. After the
+  queue is empty the consumer gets a moment to ack what it holds, is stopped (SIGTERM, or SIGINT
+  for fedora-messaging), and the queue must then hold 0 ready messages: every message was acked.
+- Publish runs. A record file of N messages; the time from starting the publisher to its exit
+  (connection included); the queue must then hold exactly N messages.
+- Memory and start-up. Each consumer is started against an empty queue and left idle; peak RSS
+  is VmHWM from /proc after a second of idleness (for fm with workers, the workers' too). fm's
+  start-up is the time from spawning it to its READY=1 on $NOTIFY_SOCKET, set to a datagram
+  socket this script listens on; every consumer's start-up is also timed to the moment the
+  broker shows its consumer on the queue.
+
+Runs are interleaved (round 1 of every case, then round 2...) so that drift on a shared machine
+spreads over all of them; every figure is a median, and every speed is also a ratio against the
+baseline of the same run.
+"""
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RELEASE = os.path.join(ROOT, "target", "release")
+OUT = os.path.join(ROOT, "target", "bench")
+FM = os.path.join(RELEASE, "fm")
+TOOL = os.path.join(RELEASE, "fm-bench")
+QUEUE = "fm-bench"
+PREFETCH = 10
+
+
+def log(*parts):
+    print("    " + " ".join(str(p) for p in parts), file=sys.stderr, flush=True)
+
+
+def phase(text):
+    print("==> " + text, file=sys.stderr, flush=True)
+
+
+def tool(*args, timeout=300):
+    """Run fm-bench to completion and return its last JSON line."""
+    out = subprocess.run(
+        [TOOL, *map(str, args)], check=True, capture_output=True, text=True, timeout=timeout
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# ------------------------------------------------------------------------------------------
+# Configurations.
+
+
+def common_toml(url, app):
+    return f"""amqp_url = "{url}"
+
+[client_properties]
+app = "{app}"
+
+[queues.{QUEUE}]
+durable = true
+auto_delete = false
+exclusive = false
+arguments = {{}}
+
+[[bindings]]
+queue = "{QUEUE}"
+exchange = "amq.topic"
+routing_keys = ["bench.#"]
+
+[qos]
+prefetch_size = 0
+prefetch_count = {PREFETCH}
+"""
+
+
+def write_config(name, text):
+    path = os.path.join(OUT, "configs", name + ".toml")
+    with open(path, "w") as f:
+        f.write(text)
+    return path
+
+
+def fm_config(url, name, callback_table):
+    return write_config(name, common_toml(url, "fm bench") + "\n[callback]\n" + callback_table)
+
+
+class Case:
+    """One consumer under test: how to start it and how to stop it."""
+
+    def __init__(self, name, label, argv, count, env=None, stop=signal.SIGTERM, exits=False):
+        self.name, self.label, self.argv, self.count = name, label, argv, count
+        self.env, self.stop, self.exits = env or {}, stop, exits
+
+
+def consume_cases(url, n_fast, n_mid, n_slow, venv):
+    pyenv = {"PYTHONPATH": os.path.join(ROOT, "benches", "python")}
+    noop = os.path.join(RELEASE, "libfm_noop.so")
+    printer = os.path.join(RELEASE, "libfm_printer_c.so")
+    worker = os.path.join(ROOT, "benches", "python", "noop_worker.py")
+    python = os.path.join(venv, "bin", "python")
+
+    def fm(name, table):
+        return [FM, "--config", fm_config(url, name, table), "consume"]
+
+    fedora_conf = write_config(
+        "fedora-messaging",
+        'callback = "fm_bench_noop:noop"\n' + common_toml(url, "fedora-messaging bench"),
+    )
+    amqp_url = url.rsplit("/", 1)[0]  # amqp-consume wants no vhost part for "/"
+    return [
+        Case("baseline", "bare lapin consumer (baseline)",
+             [TOOL, "consume", url, QUEUE, PREFETCH, n_fast], n_fast, exits=True),
+        Case("fm-noop", "fm consume, Rust noop plugin",
+             fm("fm-noop", f'plugin = "{noop}"\n'), n_fast),
+        Case("fm-printer-c", "fm consume, C printer plugin > /dev/null",
+             fm("fm-printer-c", f'plugin = "{printer}"\n'), n_fast),
+        Case("fm-exec-1", "fm consume, exec /bin/true, concurrency 1",
+             fm("fm-exec-1", 'command = ["/bin/true"]\nmode = "exec"\nconcurrency = 1\n'), n_slow),
+        Case("fm-exec-2", "fm consume, exec /bin/true, concurrency 2",
+             fm("fm-exec-2", 'command = ["/bin/true"]\nmode = "exec"\nconcurrency = 2\n'), n_slow),
+        Case("fm-worker", "fm consume, Python worker (worker mode)",
+             fm("fm-worker", f'command = ["/usr/bin/python3", "{worker}"]\nmode = "worker"\n'),
+             n_fast),
+        Case("fm-shim", "fm consume, no-op Python callback via the shim",
+             fm("fm-shim", f'python = "fm_bench_noop:noop"\ninterpreter = "{python}"\n'),
+             n_mid, env=pyenv),
+        Case("fedora-messaging", "fedora-messaging consume, same no-op callback",
+             [os.path.join(venv, "bin", "fedora-messaging"), "--conf", fedora_conf, "consume"],
+             n_slow, env=pyenv, stop=signal.SIGINT),
+        Case("amqp-consume", "amqp-consume (amqp-tools) running /bin/cat",
+             ["amqp-consume", "-u", amqp_url, "-q", QUEUE, "-p", str(PREFETCH), "-c",
+              str(n_slow), "/bin/cat"], n_slow, exits=True),
+    ]
+
+
+# ------------------------------------------------------------------------------------------
+# Processes.
+
+
+def spawn(argv, env_extra=None, logname=None):
+    env = dict(os.environ)
+    env.pop("NOTIFY_SOCKET", None)
+    env.update(env_extra or {})
+    err = open(os.path.join(OUT, "logs", logname + ".log"), "w") if logname else subprocess.DEVNULL
+    try:
+        return subprocess.Popen(
+            [str(a) for a in argv], env=env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=err, start_new_session=True,
+        )
+    finally:
+        if logname:
+            err.close()
+
+
+def stop(proc, sig, grace=30):
+    """Ask PROC to stop with SIG; kill its whole group if it does not within GRACE seconds."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+    try:
+        return proc.wait(grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        return "killed"
+
+
+def proc_tree(pid):
+    kids = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                rest = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        kids.setdefault(int(rest[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo.extend(kids.get(p, []))
+    return out
+
+
+def vm_hwm_kib(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# ------------------------------------------------------------------------------------------
+# Runs.
+
+
+def consume_run(url, case):
+    tool("fill", url, QUEUE, case.count)
+    watcher = subprocess.Popen(
+        [TOOL, "watch", url, QUEUE, str(case.count), "600"], stdout=subprocess.PIPE, text=True
+    )
+    line = watcher.stdout.readline()
+    if '"watching"' not in line:
+        watcher.wait()
+        raise RuntimeError(f"{case.name}: the watcher did not start")
+    proc = spawn(case.argv, case.env, logname=case.name)
+    result = json.loads(watcher.stdout.readline() or "null")
+    watcher.wait()
+    if result is None:
+        stop(proc, signal.SIGKILL, 5)
+        raise RuntimeError(f"{case.name}: the queue did not drain (see target/bench/logs)")
+    # Let it ack what it still holds (at most the prefetch window), then stop it.
+    time.sleep(min(2.0, max(0.3, 3 * PREFETCH / max(result["rate"], 1))))
+    if case.exits:
+        try:
+            status = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            status = stop(proc, signal.SIGTERM)
+    else:
+        status = stop(proc, case.stop)
+    left = leftover(url)
+    if left:
+        raise RuntimeError(f"{case.name}: {left} messages were not acked (status {status})")
+    return {"rate": result["rate"], "secs": result["secs"], "counted": result["counted"],
+            "exit": status}
+
+
+def leftover(url):
+    """Ready messages once no consumer holds any (unacked ones return when it disconnects)."""
+    for _ in range(100):
+        d = tool("depth", url, QUEUE)
+        if d["consumers"] == 0:
+            return d["ready"]
+        time.sleep(0.05)
+    return tool("depth", url, QUEUE)["ready"]
+
+
+def publish_runs(url, n_fast, n_slow, venv, rounds, results):
+    files = {}
+    for n in {n_fast, n_slow}:
+        files[n] = os.path.join(OUT, f"records-{n}.jsonl")
+        tool("record-file", n, files[n])
+    conf = fm_config(url, "fm-publish", f'plugin = "{os.path.join(RELEASE, "libfm_noop.so")}"\n')
+    fedora_conf = write_config(
+        "fedora-messaging-publish", common_toml(url, "fedora-messaging bench")
+    )
+    cases = [
+        ("pub-baseline", "bare lapin publisher with confirms (baseline)", n_fast,
+         [TOOL, "publish", url, n_fast, 1000]),
+        ("pub-fm", "fm publish FILE", n_fast, [FM, "--config", conf, "publish", files[n_fast]]),
+        ("pub-fedora-messaging", "fedora-messaging publish FILE", n_slow,
+         [os.path.join(venv, "bin", "fedora-messaging"), "--conf", fedora_conf, "publish",
+          files[n_slow]]),
+    ]
+    for r in range(rounds):
+        for name, label, n, argv in cases:
+            tool("fill", url, QUEUE, 0)
+            t0 = time.perf_counter()
+            proc = spawn(argv, logname=name)
+            status = proc.wait(600)
+            secs = time.perf_counter() - t0
+            depth = tool("depth", url, QUEUE)["ready"]
+            if status != 0 or depth != n:
+                raise RuntimeError(f"{name}: exit {status}, queue holds {depth} of {n} messages")
+            results.setdefault(name, {"label": label, "count": n, "runs": []})["runs"].append(
+                {"rate": n / secs, "secs": secs})
+            log(f"round {r + 1}: {name:<22} {n / secs:>9.0f} msg/s ({secs:.2f} s)")
+    tool("fill", url, QUEUE, 0)
+
+
+def ready_run(url, argv, env=None, timeout=30):
+    """Spawn fm with NOTIFY_SOCKET; the time to READY=1, and VmHWM after a second idle."""
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "notify")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        sock.bind(path)
+        sock.settimeout(timeout)
+        env = dict(env or {}, NOTIFY_SOCKET=path)
+        t0 = time.perf_counter()
+        proc = spawn(argv, env, logname="ready")
+        ready = None
+        try:
+            while ready is None:
+                data = sock.recv(4096)
+                if b"READY=1" in data.split(b"\n"):
+                    ready = time.perf_counter() - t0
+        except socket.timeout:
+            pass
+        finally:
+            sock.close()
+        if ready is None:
+            stop(proc, signal.SIGKILL, 5)
+            raise RuntimeError("fm did not send READY=1 (see target/bench/logs/ready.log)")
+        time.sleep(1.0)
+        own = vm_hwm_kib(proc.pid)
+        tree = sum(vm_hwm_kib(p) for p in proc_tree(proc.pid))
+        status = stop(proc, signal.SIGTERM)
+        return {"ready_ms": ready * 1e3, "rss_kib": own, "tree_rss_kib": tree, "exit": status}
+
+
+def idle_run(url, argv, env=None, sig=signal.SIGTERM, timeout=60):
+    """Spawn a consumer on an empty queue: the time until the broker shows its consumer, and
+    VmHWM (its own and its process tree's) after a second idle."""
+    tool("fill", url, QUEUE, 0)
+    t0 = time.perf_counter()
+    proc = spawn(argv, env, logname="idle")
+    consuming = None
+    while time.perf_counter() - t0 < timeout:
+        if tool("depth", url, QUEUE)["consumers"] > 0:
+            consuming = time.perf_counter() - t0
+            break
+        if proc.poll() is not None:
+            break
+        time.sleep(0.005)
+    if consuming is None:
+        stop(proc, signal.SIGKILL, 5)
+        raise RuntimeError(f"{argv[0]} never registered a consumer (see target/bench/logs/idle.log)")
+    time.sleep(1.0)
+    own = vm_hwm_kib(proc.pid)
+    tree = sum(vm_hwm_kib(p) for p in proc_tree(proc.pid))
+    stop(proc, sig)
+    leftover(url)
+    return {"consuming_ms": consuming * 1e3, "rss_kib": own, "tree_rss_kib": tree}
+
+
+# ------------------------------------------------------------------------------------------
+# Report.
+
+
+def machine():
+    def first(cmd):
+        try:
+            return subprocess.run(cmd, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return "?"
+
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo") as f:
+        mem_kib = int(f.readline().split()[1])
+    rabbit = first(["dpkg-query", "-W", "-f=${Version}", "rabbitmq-server"])
+    erlang = first(["dpkg-query", "-W", "-f=${Version}", "erlang-base"])
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "kernel": platform.release(),
+        "os": first(["sh", "-c", ". /etc/os-release && echo $PRETTY_NAME"]),
+        "rabbitmq": rabbit,
+        "erlang": erlang,
+        "rustc": first(["rustc", "--version"]),
+        "python": platform.python_version(),
+        "fm_commit": first(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"]),
+        "fm_tree": "modified" if first(["git", "-C", ROOT, "status", "--porcelain"]) else "clean",
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+    }
+
+
+def med(values):
+    return statistics.median(values) if values else None
+
+
+def build_report(consume, publish, idle, ready, handshake, rounds):
+    rate = {k: med([r["rate"] for r in v["runs"]]) for k, v in {**consume, **publish}.items()}
+    base = rate.get("baseline")
+    pub_base = rate.get("pub-baseline")
+
+    def ratio(a, b):
+        return rate[a] / rate[b] if rate.get(a) and rate.get(b) else None
+
+    rows = []
+    for name, v in consume.items():
+        rows.append({"name": name, "label": v["label"], "count": v["count"], "rate": rate[name],
+                     "ratio": rate[name] / base if base else None,
+                     "spread": [round(r["rate"]) for r in v["runs"]]})
+    pub_rows = []
+    for name, v in publish.items():
+        pub_rows.append({"name": name, "label": v["label"], "count": v["count"],
+                         "rate": rate[name], "ratio": rate[name] / pub_base if pub_base else None,
+                         "spread": [round(r["rate"]) for r in v["runs"]]})
+
+    fm_ready = med([r["ready_ms"] for r in ready])
+    fm_rss = med([r["rss_kib"] for r in ready])
+    hs = med(handshake["handshake_ms"]) if handshake else None
+    setup = med(handshake["consuming_ms"]) if handshake else None
+    targets = [
+        ("plugin no-op consume ≥ 0.95× baseline", ratio("fm-noop", "baseline"), 0.95),
+        ("exec, concurrency 1 ≥ 1.0× amqp-consume", ratio("fm-exec-1", "amqp-consume"), 1.0),
+        ("exec, concurrency 2 ≥ 1.6× amqp-consume", ratio("fm-exec-2", "amqp-consume"), 1.6),
+        ("worker mode (Python worker) ≥ 0.8× baseline", ratio("fm-worker", "baseline"), 0.8),
+        ("Python shim ≥ 2× fedora-messaging consume", ratio("fm-shim", "fedora-messaging"), 2.0),
+        ("fm publish ≥ 0.9× bare publisher", ratio("pub-fm", "pub-baseline"), 0.9),
+        ("fm publish ≥ 20× fedora-messaging publish",
+         ratio("pub-fm", "pub-fedora-messaging"), 20.0),
+    ]
+    target_rows = [{"target": t, "value": v, "need": need, "met": v is not None and v >= need}
+                   for t, v, need in targets]
+    if fm_rss is not None:
+        target_rows.append({"target": "idle fm consume peak RSS ≤ 8 MB (8192 KiB)",
+                            "value": fm_rss, "need": 8192, "met": fm_rss <= 8192, "unit": "KiB"})
+    if fm_ready is not None and hs is not None:
+        after = fm_ready - hs
+        target_rows.append({"target": "READY within 50 ms of the broker's handshake",
+                            "value": after, "need": 50, "met": after <= 50, "unit": "ms"})
+    return {
+        "rounds": rounds,
+        "prefetch": PREFETCH,
+        "consume": rows,
+        "publish": pub_rows,
+        "idle": idle,
+        "ready": {"fm_start_to_ready_ms": fm_ready, "fm_runs": ready,
+                  "bare_handshake_ms": hs, "bare_handshake_to_consuming_ms": setup,
+                  "fm_after_handshake_ms_est": (fm_ready - hs) if fm_ready and hs else None},
+        "targets": target_rows,
+        "raw": {"consume": consume, "publish": publish},
+    }
+
+
+def markdown(report, info):
+    def f(v, digits=0):
+        return "—" if v is None else f"{v:,.{digits}f}"
+
+    lines = [
+        f"Machine: {info['cpu']}, {info['cores']} cores, {info['memory_gib']} GiB; "
+        f"{info['os']}, Linux {info['kernel']}; RabbitMQ {info['rabbitmq']} "
+        f"(Erlang {info['erlang']}); {info['rustc']}; Python {info['python']}; "
+        f"fm {info['fm_commit']} ({info['fm_tree']} tree); {info['date']}.",
+        "",
+        f"Medians of {report['rounds']} runs; prefetch {report['prefetch']}; 200-byte persistent "
+        "JSON messages with fedora-messaging's headers on a durable queue.",
+        "",
+        "### Consume",
+        "",
+        "| run | messages | msg/s | × baseline | runs (msg/s) |",
+        "|---|---:|---:|---:|---|",
+    ]
+    for r in report["consume"]:
+        lines.append(f"| {r['label']} | {r['count']:,} | {f(r['rate'])} | {f(r['ratio'], 2)} | "
+                     f"{', '.join(f'{x:,}' for x in r['spread'])} |")
+    lines += ["", "### Publish (from a record file, wall time including start-up)", "",
+              "| run | messages | msg/s | × bare publisher | runs (msg/s) |",
+              "|---|---:|---:|---:|---|"]
+    for r in report["publish"]:
+        lines.append(f"| {r['label']} | {r['count']:,} | {f(r['rate'])} | {f(r['ratio'], 2)} | "
+                     f"{', '.join(f'{x:,}' for x in r['spread'])} |")
+    lines += ["", "### Memory and start-up (idle consumer, empty queue)", "",
+              "| consumer | peak RSS (KiB) | with child processes (KiB) | start → consuming (ms) |",
+              "|---|---:|---:|---:|"]
+    for r in report["idle"]:
+        lines.append(f"| {r['label']} | {f(r['rss_kib'])} | {f(r['tree_rss_kib'])} | "
+                     f"{f(r['consuming_ms'])} |")
+    rd = report["ready"]
+    lines += ["", f"fm start → READY=1: {f(rd['fm_start_to_ready_ms'], 1)} ms (median); "
+              f"a bare lapin AMQP handshake on the same broker: {f(rd['bare_handshake_ms'], 1)} ms, "
+              f"and handshake + declare + bind + qos + consume: "
+              f"{f(rd['bare_handshake_to_consuming_ms'], 1)} ms; so fm is ready about "
+              f"{f(rd['fm_after_handshake_ms_est'], 1)} ms after the handshake "
+              "(an upper bound: it includes fm's process start and configuration loading).",
+              "", "### Targets", "", "| target | measured | met |", "|---|---:|---|"]
+    for t in report["targets"]:
+        unit = t.get("unit")
+        value = "—" if t["value"] is None else (
+            f"{t['value']:,.1f} {unit}" if unit else f"{t['value']:.2f}×")
+        lines.append(f"| {t['target']} | {value} | {'yes' if t['met'] else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--url", required=True)
+    p.add_argument("--venv", required=True)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--fast", type=int, default=20000, help="messages for fast consumers")
+    p.add_argument("--mid", type=int, default=5000, help="messages for the Python shim")
+    p.add_argument("--slow", type=int, default=2000,
+                   help="messages for per-message processes and the fedora-messaging peers")
+    p.add_argument("--only", default="", help="comma-separated case names (default: all)")
+    args = p.parse_args()
+    for d in ("configs", "logs"):
+        os.makedirs(os.path.join(OUT, d), exist_ok=True)
+    only = set(filter(None, args.only.split(",")))
+    started = time.time()
+    info = machine()
+
+    cases = consume_cases(args.url, args.fast, args.mid, args.slow, args.venv)
+    consume = {}
+    phase(f"consume: {len(cases)} consumers, {args.rounds} rounds")
+    for r in range(args.rounds):
+        for case in cases:
+            if only and case.name not in only:
+                continue
+            res = consume_run(args.url, case)
+            consume.setdefault(case.name, {"label": case.label, "count": case.count, "runs": []})
+            consume[case.name]["runs"].append(res)
+            log(f"round {r + 1}: {case.name:<18} {res['rate']:>9.0f} msg/s "
+                f"({res['counted']} in {res['secs']:.2f} s)")
+
+    publish = {}
+    if not only or only & {"publish"}:
+        phase("publish")
+        publish_runs(args.url, args.fast, args.slow, args.venv, args.rounds, publish)
+
+    idle, ready, handshake = [], [], None
+    if not only or only & {"idle"}:
+        phase("memory and start-up")
+        by = {c.name: c for c in cases}
+        for name, label in [
+            ("baseline", "bare lapin consumer"),
+            ("fm-noop", "fm consume (noop plugin)"),
+            ("fm-shim", "fm consume (Python shim)"),
+            ("fedora-messaging", "fedora-messaging consume"),
+            ("amqp-consume", "amqp-consume"),
+        ]:
+            c = by[name]
+            runs = [idle_run(args.url, c.argv, c.env, c.stop) for _ in range(args.rounds)]
+            row = {"name": name, "label": label,
+                   "rss_kib": med([x["rss_kib"] for x in runs]),
+                   "tree_rss_kib": med([x["tree_rss_kib"] for x in runs]),
+                   "consuming_ms": med([x["consuming_ms"] for x in runs]), "runs": runs}
+            idle.append(row)
+            log(f"{name:<18} rss {row['rss_kib']} KiB (tree {row['tree_rss_kib']}), "
+                f"consuming after {row['consuming_ms']:.0f} ms")
+        tool("fill", args.url, QUEUE, 0)
+        for _ in range(max(args.rounds, 5)):
+            ready.append(ready_run(args.url, by["fm-noop"].argv))
+        handshake = tool("connect-time", args.url, QUEUE, max(args.rounds, 5))
+        log(f"fm READY after {med([r['ready_ms'] for r in ready]):.1f} ms; bare handshake "
+            f"{med(handshake['handshake_ms']):.1f} ms")
+
+    report = build_report(consume, publish, idle, ready, handshake, args.rounds)
+    report["machine"] = info
+    report["seconds"] = round(time.time() - started)
+    text = markdown(report, info)
+    with open(os.path.join(OUT, "results.json"), "w") as f:
+        json.dump(report, f, indent=2)
+    with open(os.path.join(OUT, "results.md"), "w") as f:
+        f.write(text)
+    print(text)
+    phase(f"done in {report['seconds']} s: target/bench/results.md and results.json")
+
+
+if __name__ == "__main__":
+    main()

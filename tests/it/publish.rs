@@ -1,0 +1,904 @@
+//! `fm publish` (issue 4): wire-compatible with fedora-messaging, pipelined with publisher
+//! confirms, and never losing a message silently.
+//!
+//! fedora-messaging itself (installed from PyPI into `FM_TEST_VENV` by scripts/test) is the
+//! peer: its consumer must see exactly what fm published, and fm must accept and refuse the
+//! same record files it does. [`Peer`] drives it; `record.rs` uses it too.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use lapin::types::{AMQPValue, FieldTable};
+use serde_json::{Value, json};
+use tokio::io::AsyncWriteExt as _;
+
+use crate::util::{Broker, Fm, broker, fedora_fixture, fm_bin};
+
+/// fedora-messaging's CLI from the test venv, with configuration files in a folder of its own.
+pub struct Peer {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl Peer {
+    pub fn new(b: &Broker) -> Peer {
+        let bin = b
+            .venv_python()
+            .parent()
+            .expect("the venv has a bin folder")
+            .join("fedora-messaging");
+        assert!(
+            bin.is_file(),
+            "{} is missing: run scripts/test",
+            bin.display()
+        );
+        Peer {
+            dir: tempfile::tempdir().expect("creating a temporary folder"),
+            bin,
+        }
+    }
+
+    /// Writes a file into the peer's folder.
+    pub fn file(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::write(&path, contents).expect("writing a peer file");
+        path
+    }
+
+    fn command(&self, conf: &Path, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(&self.bin);
+        cmd.arg("--conf")
+            .arg(conf)
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("PYTHONPATH", self.dir.path())
+            .env_remove("FEDORA_MESSAGING_CONF")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        cmd
+    }
+
+    /// Runs `fedora-messaging --conf CONF ARGS...` to its end (at most a minute).
+    pub async fn run(&self, conf: &Path, args: &[&str]) -> std::process::Output {
+        let child = self
+            .command(conf, args)
+            .spawn()
+            .expect("starting fedora-messaging");
+        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+            .await
+            .unwrap_or_else(|_| panic!("fedora-messaging {args:?} did not finish within 60 s"))
+            .expect("waiting for fedora-messaging")
+    }
+
+    /// Starts `fedora-messaging consume` with a callback that appends, per message, one JSON
+    /// line with what a Python callback sees: topic, id, body, headers, severity, priority,
+    /// queue. Returns the process and the file it writes.
+    pub fn consume(&self, conf: &Path) -> (tokio::process::Child, PathBuf) {
+        self.file(
+            "fm_peer.py",
+            r#"import json, os
+
+def callback(message):
+    seen = {"topic": message.topic, "id": message.id, "body": message.body,
+            "headers": message._headers, "severity": message.severity,
+            "priority": message.priority, "queue": message.queue}
+    with open(os.environ["FM_PEER_OUT"], "a", encoding="utf-8") as f:
+        f.write(json.dumps(seen, sort_keys=True) + "\n")
+"#,
+        );
+        let out = self.dir.path().join("consumed.jsonl");
+        let child = self
+            .command(conf, &["consume", "--callback", "fm_peer:callback"])
+            .env("FM_PEER_OUT", &out)
+            .spawn()
+            .expect("starting fedora-messaging consume");
+        (child, out)
+    }
+}
+
+/// A configuration (for fm and fedora-messaging alike) with one durable queue bound to
+/// `exchange` with `#`, publishing to `exchange` by default.
+pub fn queue_config(b: &Broker, exchange: &str, queue: &str) -> String {
+    format!(
+        r##"amqp_url = "{url}"
+publish_exchange = "{exchange}"
+
+[client_properties]
+app = "fm tests"
+
+[queues."{queue}"]
+durable = true
+auto_delete = false
+exclusive = false
+arguments = {{}}
+
+[[bindings]]
+queue = "{queue}"
+exchange = "{exchange}"
+routing_keys = ["#"]
+"##,
+        url = b.url()
+    )
+}
+
+/// A topic exchange and a durable queue bound to it with `#`.
+pub async fn exchange_and_queue(b: &Broker, name: &str) -> (String, String) {
+    let (exchange, queue) = (
+        b.unique(&format!("{name}-ex")),
+        b.unique(&format!("{name}-q")),
+    );
+    b.declare_topic_exchange(&exchange).await;
+    b.declare_queue(&queue).await;
+    b.bind(&queue, &exchange, "#").await;
+    (exchange, queue)
+}
+
+/// The lines of a file.
+pub fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+/// The `id` of each record line.
+pub fn ids_of(lines: &[String]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            v["id"].as_str().expect("every line has an id").to_owned()
+        })
+        .collect()
+}
+
+/// Waits until `path` has `n` lines; panics after a minute.
+pub async fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let have = std::fs::read_to_string(path).unwrap_or_default();
+        let got: Vec<String> = have.lines().map(str::to_owned).collect();
+        if got.len() >= n {
+            return got;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} has {} lines after 60 s, expected {n}:\n{have}",
+            path.display(),
+            got.len()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Sends SIGTERM to a child and waits for it.
+async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
+    let pid = child.id().expect("the child is running");
+    std::process::Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .expect("running kill");
+    tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("the child stops within 30 s of SIGTERM")
+        .expect("waiting for the child")
+}
+
+/// Every message id in `queue`, taking the messages off it.
+async fn drain_ids(b: &Broker, queue: &str) -> Vec<String> {
+    let mut ids = Vec::new();
+    while let Some(d) = b.get(queue).await {
+        ids.push(
+            d.properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned())
+                .unwrap_or_default(),
+        );
+    }
+    ids
+}
+
+/// Runs `fm publish ARGS... --failed FILE` and returns its output and the lines of FILE
+/// (kept in a folder of the test's, as fm's own folder goes when the run ends).
+async fn publish_with_failed(run: Fm, args: &[&str]) -> (crate::util::FmOutput, Vec<String>) {
+    let keep = tempfile::tempdir().unwrap();
+    let failed = keep.path().join("failed.jsonl");
+    let out = run
+        .arg("publish")
+        .args(args)
+        .arg("--failed")
+        .arg(&failed)
+        .run()
+        .await;
+    let saved = lines(&failed);
+    (out, saved)
+}
+
+/// `n` record lines `{"topic": "fm.test.I", "body": {"i": I}}` with fixed ids, so a test
+/// can tell which arrived.
+fn numbered_lines(n: usize) -> (String, Vec<String>) {
+    let mut text = String::new();
+    let mut ids = Vec::new();
+    for i in 0..n {
+        let id = uuid::Uuid::new_v4().to_string();
+        text.push_str(
+            &json!({"topic": format!("fm.test.{i}"), "body": {"i": i}, "id": id}).to_string(),
+        );
+        text.push('\n');
+        ids.push(id);
+    }
+    (text, ids)
+}
+
+#[tokio::test]
+async fn fm_publish_reaches_a_fedora_messaging_consumer_intact() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = exchange_and_queue(&b, "to-python").await;
+    let config = queue_config(&b, &exchange, &queue);
+
+    // One message from the command line, with every option…
+    let out = Fm::new()
+        .config_toml(&config)
+        .args(["publish", "--topic", "org.example.event"])
+        .args([
+            "--body",
+            r#"{"name": "é😀", "n": [1, 2.5, null], "nested": {"b": 1, "a": true}}"#,
+        ])
+        .args(["--header", "x-app=bodhi", "--header", "x-count:=3"])
+        .args(["--severity", "warning", "--priority", "7"])
+        .run()
+        .await;
+    out.assert_code(0);
+    let adhoc_id = out.stdout.trim().to_owned();
+    assert_eq!(
+        uuid::Uuid::parse_str(&adhoc_id).unwrap().get_version_num(),
+        4
+    );
+
+    // …and two from a record file, whose ids and sent-at are kept.
+    let run = Fm::new().config_toml(&config);
+    run.write_file(
+        "msgs.jsonl",
+        concat!(
+            r#"{"topic": "org.example.file", "body": {"k": "v"}, "id": "2a3b3e1c-6f0e-4a51-9d53-3c1b2a4f5e60", "headers": {"sent-at": "2020-02-03T04:05:06+00:00", "fedora_messaging_severity": 40, "custom": "kept"}}"#,
+            "\n",
+            r#"{"topic": "org.example.file2", "body": {}, "priority": 2}"#,
+            "\n"
+        ),
+    );
+    run.args(["publish", "msgs.jsonl"])
+        .run()
+        .await
+        .assert_code(0);
+
+    let peer = Peer::new(&b);
+    let conf = peer.file("peer.toml", &config);
+    let (mut consumer, seen) = peer.consume(&conf);
+    let seen = wait_for_lines(&seen, 3).await;
+    assert!(terminate(&mut consumer).await.success());
+    let seen: Vec<Value> = seen
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+
+    let adhoc = &seen[0];
+    assert_eq!(adhoc["topic"], "org.example.event");
+    assert_eq!(adhoc["id"], adhoc_id.as_str());
+    assert_eq!(
+        adhoc["body"],
+        json!({"name": "é😀", "n": [1, 2.5, null], "nested": {"b": 1, "a": true}})
+    );
+    assert_eq!(adhoc["severity"], 30);
+    assert_eq!(adhoc["priority"], 7);
+    assert_eq!(adhoc["queue"], queue.as_str());
+    let h = &adhoc["headers"];
+    assert_eq!(h["x-app"], "bodhi");
+    assert_eq!(h["x-count"], 3);
+    assert_eq!(h["fedora_messaging_severity"], 30);
+    assert_eq!(h["fedora_messaging_schema"], "base.message");
+    assert_eq!(h["fedora_messaging_schema_package"], "fedora_messaging");
+    assert_eq!(h["priority"], 7);
+    let sent_at = h["sent-at"].as_str().unwrap();
+    assert_eq!(
+        sent_at.len(),
+        "2019-07-30T19:12:22+00:00".len(),
+        "{sent_at}"
+    );
+    assert!(
+        sent_at.ends_with("+00:00") && sent_at.as_bytes()[10] == b'T',
+        "{sent_at}"
+    );
+
+    let kept = &seen[1];
+    assert_eq!(kept["topic"], "org.example.file");
+    assert_eq!(kept["id"], "2a3b3e1c-6f0e-4a51-9d53-3c1b2a4f5e60");
+    assert_eq!(kept["headers"]["sent-at"], "2020-02-03T04:05:06+00:00");
+    assert_eq!(kept["headers"]["custom"], "kept");
+    assert_eq!(kept["severity"], 40);
+    assert_eq!(kept["priority"], 0);
+    assert_eq!(seen[2]["priority"], 2);
+    assert_eq!(seen[2]["headers"]["priority"], 2);
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
+
+/// The same record line published by fedora-messaging and by fm gives the same AMQP message:
+/// body bytes, properties and header types (the field tables compare equal).
+#[tokio::test]
+async fn fm_and_fedora_messaging_put_the_same_bytes_on_the_wire() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = exchange_and_queue(&b, "same-bytes").await;
+    let config = queue_config(&b, &exchange, &queue);
+    let line = json!({
+        "topic": "org.example.bytes",
+        "id": "0c1d2e3f-4a5b-4c6d-8e7f-8091a2b3c4d5",
+        "body": {"z": "é\u{2603}😀 \"q\" \\ \t", "a": [1, -2, 3.25, 1e100, 12345678901i64, null, true],
+                 "nested": {"y": {}, "x": []}},
+        "headers": {"sent-at": "2021-01-01T00:00:00+00:00", "fedora_messaging_severity": 10,
+                    "text": "t", "int": 42, "big": 12345678901i64, "flag": false,
+                    "fedora_messaging_user_alice": true},
+        "priority": 4
+    })
+    .to_string();
+
+    let peer = Peer::new(&b);
+    let conf = peer.file("peer.toml", &config);
+    let file = peer.file("one.jsonl", format!("{line}\n"));
+    let out = peer.run(&conf, &["publish", file.to_str().unwrap()]).await;
+    assert!(out.status.success(), "{out:?}");
+    let from_python = b.get(&queue).await.expect("fedora-messaging published");
+
+    let run = Fm::new().config_toml(&config);
+    run.write_file("one.jsonl", format!("{line}\n"));
+    run.args(["publish", "one.jsonl"])
+        .run()
+        .await
+        .assert_code(0);
+    let from_fm = b.get(&queue).await.expect("fm published");
+
+    assert_eq!(
+        String::from_utf8_lossy(&from_fm.data),
+        String::from_utf8_lossy(&from_python.data)
+    );
+    assert_eq!(from_fm.routing_key, from_python.routing_key);
+    let (p, f) = (&from_python.properties, &from_fm.properties);
+    assert_eq!(f.content_type(), p.content_type());
+    assert_eq!(f.content_encoding(), p.content_encoding());
+    assert_eq!(f.delivery_mode(), p.delivery_mode());
+    assert_eq!(f.message_id(), p.message_id());
+    assert_eq!(f.priority(), p.priority());
+    assert_eq!(*f.priority(), Some(4));
+    let headers = |t: &Option<FieldTable>| t.clone().expect("headers are set");
+    assert_eq!(headers(f.headers()), headers(p.headers()));
+    assert_eq!(
+        headers(f.headers()).inner().get("big"),
+        Some(&AMQPValue::LongLongInt(12345678901))
+    );
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn topic_prefix_and_publish_priority_come_from_the_configuration() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = exchange_and_queue(&b, "prefix").await;
+    let config = format!(
+        "topic_prefix = \"org.fedoraproject.test..\"\npublish_priority = 5\n{}",
+        queue_config(&b, &exchange, &queue)
+    );
+    Fm::new()
+        .config_toml(&config)
+        .args(["publish", "--topic", "app.event", "--body", "{}"])
+        .run()
+        .await
+        .assert_code(0);
+    let d = b.get(&queue).await.expect("published");
+    assert_eq!(d.routing_key.as_str(), "org.fedoraproject.test.app.event");
+    assert_eq!(*d.properties.priority(), Some(5));
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn the_body_can_come_from_standard_input() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = exchange_and_queue(&b, "stdin-body").await;
+    let config = queue_config(&b, &exchange, &queue);
+    Fm::new()
+        .config_toml(&config)
+        .args(["publish", "--topic", "t"])
+        .stdin(r#"{"from": "stdin"}"#)
+        .run()
+        .await
+        .assert_code(0);
+    assert_eq!(b.get_json(&queue).await, Some(json!({"from": "stdin"})));
+
+    // Not an object, or nothing at all: a usage error, nothing sent.
+    for body in ["[1]", ""] {
+        let out = Fm::new()
+            .config_toml(&config)
+            .args(["publish", "--topic", "t"])
+            .stdin(body)
+            .run()
+            .await;
+        out.assert_code(2);
+        assert!(out.stderr.contains("body"), "{}", out.stderr);
+    }
+    assert_eq!(b.queue_depth(&queue).await, 0);
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
+
+/// Every record file among fedora-messaging's fixtures: fm accepts and refuses exactly what
+/// `fedora-messaging publish` does, with the same exit status, and names the line.
+#[tokio::test]
+async fn record_fixtures_are_accepted_and_refused_like_fedora_messaging() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = exchange_and_queue(&b, "fixtures").await;
+    let config = queue_config(&b, &exchange, &queue);
+    let peer = Peer::new(&b);
+    let conf = peer.file("peer.toml", &config);
+    for (fixture, want) in [
+        ("good_msg_dump.txt", 0),
+        ("invalid_msg_dump.txt", 2),
+        ("msg_without_topic_dump.txt", 2),
+        ("wrong_json_msg_dump.txt", 2),
+    ] {
+        let path = fedora_fixture(fixture);
+        let python = peer.run(&conf, &["publish", path.to_str().unwrap()]).await;
+        assert_eq!(
+            python.status.code(),
+            Some(want),
+            "fedora-messaging on {fixture}: {python:?}"
+        );
+        let out = Fm::new()
+            .config_toml(&config)
+            .arg("publish")
+            .arg(&path)
+            .run()
+            .await;
+        out.assert_code(want);
+        if want == 0 {
+            // Both published it, keeping its id and sent-at.
+            for who in ["fedora-messaging", "fm"] {
+                let d = b
+                    .get(&queue)
+                    .await
+                    .unwrap_or_else(|| panic!("{who} published"));
+                assert_eq!(
+                    d.properties.message_id().as_ref().unwrap().as_str(),
+                    "273ed91d-b8b5-487a-9576-95b9fbdf3eec"
+                );
+                let headers = d.properties.headers().clone().unwrap();
+                assert_eq!(
+                    headers.inner().get("sent-at"),
+                    Some(&AMQPValue::LongString("2018-11-18T10:11:41+00:00".into()))
+                );
+            }
+        } else {
+            assert!(
+                out.stderr
+                    .contains(&format!("line 1 of {}", path.display())),
+                "{fixture}: {}",
+                out.stderr
+            );
+        }
+    }
+    assert_eq!(
+        b.queue_depth(&queue).await,
+        0,
+        "nothing invalid was published"
+    );
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn a_bad_line_stops_publishing_unless_keep_going() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = exchange_and_queue(&b, "bad-line").await;
+    let config = queue_config(&b, &exchange, &queue);
+    let (good, ids) = numbered_lines(4);
+    let good: Vec<&str> = good.lines().collect();
+    let file = format!(
+        "{}\n{}\n{{\"topic\": \"t\", \"body\": \"not an object\"}}\n{}\n{}\n",
+        good[0], good[1], good[2], good[3]
+    );
+
+    let run = Fm::new().config_toml(&config);
+    run.write_file("in.jsonl", &file);
+    let out = run.args(["publish", "in.jsonl"]).run().await;
+    out.assert_code(2);
+    assert!(
+        out.stderr
+            .contains("line 3 of in.jsonl: the body must be a JSON object"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        out.stderr.contains("nothing after it was sent"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(drain_ids(&b, &queue).await, ids[..2]);
+
+    let run = Fm::new().config_toml(&config);
+    run.write_file("in.jsonl", &file);
+    let out = run
+        .args(["publish", "in.jsonl", "--keep-going"])
+        .run()
+        .await;
+    out.assert_code(2);
+    assert!(out.stderr.contains("line 3 of in.jsonl"), "{}", out.stderr);
+    assert!(out.stderr.contains("4 published"), "{}", out.stderr);
+    // With --keep-going the bad line is skipped and every good one is sent.
+    assert_eq!(drain_ids(&b, &queue).await, ids);
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn the_lines_after_a_bad_one_are_saved_with_failed() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = exchange_and_queue(&b, "bad-line-failed").await;
+    let config = queue_config(&b, &exchange, &queue);
+    let (good, ids) = numbered_lines(4);
+    let good: Vec<&str> = good.lines().collect();
+    let file = format!("{}\n\n{}\n{}\n{}\n", good[0], good[1], good[2], good[3]);
+
+    let run = Fm::new().config_toml(&config);
+    run.write_file("in.jsonl", &file);
+    let (out, failed_lines) = publish_with_failed(run, &["in.jsonl"]).await;
+    out.assert_code(2);
+    assert!(
+        out.stderr.contains("line 2 of in.jsonl: the line is empty"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(drain_ids(&b, &queue).await, ids[..1]);
+    assert_eq!(ids_of(&failed_lines), ids[1..]);
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn an_unroutable_message_is_refused_with_121_and_saved() {
+    let Some(b) = broker() else { return };
+    let exchange = b.unique("no-binding");
+    b.declare_topic_exchange(&exchange).await;
+    let config = format!(
+        "amqp_url = \"{}\"\npublish_exchange = \"{exchange}\"\n",
+        b.url()
+    );
+
+    let (out, saved) = publish_with_failed(
+        Fm::new().config_toml(&config),
+        &["--topic", "nobody.listens", "--body", r#"{"a": 1}"#],
+    )
+    .await;
+    out.assert_code(121);
+    assert!(out.stderr.contains("unroutable"), "{}", out.stderr);
+    assert_eq!(saved.len(), 1);
+    let saved: Value = serde_json::from_str(&saved[0]).unwrap();
+    assert_eq!(saved["topic"], "nobody.listens");
+    assert_eq!(saved["body"], json!({"a": 1}));
+    let id = saved["id"].as_str().unwrap();
+    assert!(
+        out.stderr.contains(id),
+        "the error names the message: {}",
+        out.stderr
+    );
+
+    // fedora-messaging does not ask for routing: --allow-unroutable does the same.
+    Fm::new()
+        .config_toml(&config)
+        .args([
+            "publish",
+            "--topic",
+            "nobody.listens",
+            "--body",
+            "{}",
+            "--allow-unroutable",
+        ])
+        .run()
+        .await
+        .assert_code(0);
+    b.delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn returned_messages_in_a_file_are_all_reported_with_keep_going() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = (b.unique("partly-routed-ex"), b.unique("partly-routed-q"));
+    b.declare_topic_exchange(&exchange).await;
+    b.declare_queue(&queue).await;
+    b.bind(&queue, &exchange, "fm.test.routed.#").await;
+    let config = queue_config(&b, &exchange, &queue).replace("[\"#\"]", "[\"fm.test.routed.#\"]");
+    // Every third message is routed; the others come back.
+    let mut text = String::new();
+    let (mut routed, mut returned) = (Vec::new(), Vec::new());
+    for i in 0..300 {
+        let id = uuid::Uuid::new_v4().to_string();
+        let topic = if i % 3 == 0 {
+            "fm.test.routed.x"
+        } else {
+            "fm.test.lost.x"
+        };
+        text.push_str(&json!({"topic": topic, "body": {"i": i}, "id": id}).to_string());
+        text.push('\n');
+        if i % 3 == 0 {
+            &mut routed
+        } else {
+            &mut returned
+        }
+        .push(id);
+    }
+    let run = Fm::new().config_toml(&config);
+    run.write_file("in.jsonl", &text);
+    let (out, saved) = publish_with_failed(run, &["in.jsonl", "--keep-going"]).await;
+    out.assert_code(121);
+    assert!(
+        out.stderr.contains("100 published, 200 not published"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        ids_of(&saved),
+        returned,
+        "exactly the returned ones, in input order"
+    );
+    assert_eq!(drain_ids(&b, &queue).await, routed);
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
+
+#[tokio::test]
+async fn a_missing_exchange_is_refused_with_121() {
+    let Some(b) = broker() else { return };
+    let missing = b.unique("missing-exchange");
+    let out = Fm::new()
+        .config_toml(&format!("amqp_url = \"{}\"\n", b.url()))
+        .args([
+            "publish",
+            "--exchange",
+            &missing,
+            "--topic",
+            "t",
+            "--body",
+            "{}",
+        ])
+        .run()
+        .await;
+    out.assert_code(121);
+    assert!(out.stderr.contains("404"), "{}", out.stderr);
+    assert!(out.stderr.contains(&missing), "{}", out.stderr);
+}
+
+#[tokio::test]
+async fn no_broker_means_111_within_the_timeout() {
+    let Some(_b) = broker() else { return };
+    // A port nothing listens on: bind one, note it, let it go.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let config = format!("amqp_url = \"amqp://guest:guest@127.0.0.1:{port}/%2F\"\n");
+    let (text, ids) = numbered_lines(3);
+    let run = Fm::new().config_toml(&config);
+    run.write_file("in.jsonl", &text);
+    let started = Instant::now();
+    let (out, saved) = publish_with_failed(run, &["in.jsonl", "--timeout", "2"]).await;
+    let took = started.elapsed();
+    out.assert_code(111);
+    assert!(
+        took < Duration::from_secs(5),
+        "took {took:?} with --timeout 2"
+    );
+    assert!(out.stderr.contains("connection refused"), "{}", out.stderr);
+    assert_eq!(ids_of(&saved), ids, "every message is saved, none was sent");
+
+    // An empty file needs no broker, as with fedora-messaging.
+    let run = Fm::new().config_toml(&config);
+    run.write_file("empty.jsonl", "");
+    run.args(["publish", "empty.jsonl", "--timeout", "2"])
+        .run()
+        .await
+        .assert_code(0);
+}
+
+#[tokio::test]
+async fn many_messages_are_pipelined_in_order_and_all_confirmed() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = exchange_and_queue(&b, "many").await;
+    let config = queue_config(&b, &exchange, &queue);
+    let (text, ids) = numbered_lines(5000);
+    let run = Fm::new().config_toml(&config);
+    run.write_file("in.jsonl", &text);
+    let started = Instant::now();
+    let out = run.args(["publish", "in.jsonl"]).run().await;
+    out.assert_code(0);
+    // One round trip per message would take far longer on a shared test machine.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert!(
+        !out.stdout.contains('\n') || out.stdout.trim().is_empty(),
+        "a file publish prints nothing on stdout: {}",
+        out.stdout
+    );
+    assert_eq!(drain_ids(&b, &queue).await, ids);
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
+
+/// `fm publish -` fed through a pipe this test controls.
+struct Piped {
+    child: tokio::process::Child,
+    stdin: Option<tokio::process::ChildStdin>,
+    dir: tempfile::TempDir,
+}
+
+impl Piped {
+    fn start(config: &str, args: &[&str]) -> Piped {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("config.toml"), config).unwrap();
+        let mut child = tokio::process::Command::new(fm_bin())
+            .args(["--conf", "config.toml", "publish", "-"])
+            .args(args)
+            .current_dir(dir.path())
+            .env_remove("FEDORA_MESSAGING_CONF")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("starting fm");
+        let stdin = child.stdin.take();
+        Piped { child, stdin, dir }
+    }
+
+    async fn write(&mut self, text: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        stdin.write_all(text.as_bytes()).await.unwrap();
+        stdin.flush().await.unwrap();
+    }
+
+    /// Closes stdin and waits (at most `within`) for fm; returns its code and stderr.
+    async fn finish(
+        mut self,
+        within: Duration,
+    ) -> (Option<i32>, String, PathBuf, tempfile::TempDir) {
+        self.stdin.take();
+        let out = tokio::time::timeout(within, self.child.wait_with_output())
+            .await
+            .expect("fm finishes in time")
+            .unwrap();
+        let failed = self.dir.path().join("failed.jsonl");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            failed,
+            self.dir,
+        )
+    }
+}
+
+/// A broker restart within `--timeout` loses nothing (fm reconnects and sends the unconfirmed
+/// messages again); a broker gone for longer ends fm with 111, and `--failed` then holds the
+/// messages that were not confirmed, so that publishing it completes the set.
+#[tokio::test]
+async fn broker_outages_lose_no_message() {
+    let Some(b) = broker() else { return };
+    let node = b.extra_node("publish-outage");
+    let (exchange, queue) = exchange_and_queue(&node, "outage").await;
+    let config = queue_config(&node, &exchange, &queue);
+
+    // 1. The node restarts while fm waits: everything arrives (some perhaps twice).
+    let (text, ids) = numbered_lines(400);
+    let all: Vec<&str> = text.lines().collect();
+    let mut fm = Piped::start(&config, &["--timeout", "60", "--failed", "failed.jsonl"]);
+    fm.write(&(all[..200].join("\n") + "\n")).await;
+    node.wait_for_depth(&queue, 200).await;
+    node.stop_node().await;
+    fm.write(&(all[200..].join("\n") + "\n")).await;
+    node.start_node().await;
+    let (code, stderr, failed, _dir) = fm.finish(Duration::from_secs(90)).await;
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("reconnecting"), "{stderr}");
+    assert!(lines(&failed).is_empty());
+    let got: BTreeSet<String> = drain_ids(&node, &queue).await.into_iter().collect();
+    assert_eq!(got, ids.iter().cloned().collect::<BTreeSet<_>>());
+
+    // 2. The node stops mid-file for good: exit 111, and --failed completes the set. The
+    // rest of the file trickles in while the node stops, so some messages are confirmed,
+    // some are in flight when the connection drops, and some are read after it.
+    let (text, ids) = numbered_lines(3000);
+    let all: Vec<String> = text.lines().map(|l| format!("{l}\n")).collect();
+    let mut fm = Piped::start(&config, &["--timeout", "3", "--failed", "failed.jsonl"]);
+    fm.write(&all[..500].concat()).await;
+    node.wait_for_depth(&queue, 500).await;
+    let mut stdin = fm.stdin.take().expect("stdin is open");
+    let rest = all[500..].to_vec();
+    let writer = tokio::spawn(async move {
+        for chunk in rest.chunks(25) {
+            if stdin.write_all(chunk.concat().as_bytes()).await.is_err() {
+                return; // fm gave up reading
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+    });
+    node.stop_node().await;
+    let _ = writer.await;
+    let (code, stderr, failed, _dir) = fm.finish(Duration::from_secs(60)).await;
+    assert_eq!(code, Some(111), "{stderr}");
+    assert!(
+        stderr.contains("--failed") || stderr.contains("failed.jsonl"),
+        "{stderr}"
+    );
+    let saved = ids_of(&lines(&failed));
+    let position = |id: &String| ids.iter().position(|i| i == id).expect("a known id");
+    let positions: Vec<usize> = saved.iter().map(position).collect();
+    assert!(!saved.is_empty(), "{stderr}");
+    assert!(
+        positions[0] >= 500,
+        "the first 500 were confirmed, not saved"
+    );
+    assert!(
+        positions.windows(2).all(|w| w[0] < w[1]),
+        "saved in input order"
+    );
+    assert_eq!(
+        positions.last(),
+        Some(&2999),
+        "saved to the end of the input"
+    );
+
+    node.start_node().await;
+    let before: BTreeSet<String> = drain_ids(&node, &queue).await.into_iter().collect();
+    let saved_set: BTreeSet<&String> = saved.iter().collect();
+    assert!(
+        ids.iter()
+            .filter(|id| !saved_set.contains(id))
+            .all(|id| before.contains(id)),
+        "every message not saved was confirmed, and survived the restart"
+    );
+    let run = Fm::new().config_toml(&config);
+    let again = run.write_file("again.jsonl", std::fs::read(&failed).unwrap());
+    run.arg("publish").arg(&again).run().await.assert_code(0);
+    let after: BTreeSet<String> = drain_ids(&node, &queue).await.into_iter().collect();
+    let complete: BTreeSet<String> = before.union(&after).cloned().collect();
+    assert_eq!(complete, ids.iter().cloned().collect::<BTreeSet<_>>());
+}
+
+#[tokio::test]
+async fn sigint_stops_after_the_in_flight_messages_are_confirmed() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = exchange_and_queue(&b, "sigint").await;
+    let config = queue_config(&b, &exchange, &queue);
+    let (text, ids) = numbered_lines(10);
+    let mut fm = Piped::start(&config, &["--failed", "failed.jsonl"]);
+    fm.write(&text).await;
+    b.wait_for_depth(&queue, 10).await;
+    let pid = fm.child.id().unwrap();
+    std::process::Command::new("kill")
+        .args(["-INT", &pid.to_string()])
+        .status()
+        .unwrap();
+    let (code, stderr, failed, _dir) = fm.finish(Duration::from_secs(30)).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(stderr.contains("after line 10"), "{stderr}");
+    assert!(lines(&failed).is_empty(), "all 10 were confirmed");
+    assert_eq!(drain_ids(&b, &queue).await, ids);
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
