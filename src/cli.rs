@@ -14,7 +14,12 @@ use crate::config::Overrides;
 pub struct Cli {
     /// The configuration file (default: $FEDORA_MESSAGING_CONF, then
     /// /etc/fedora-messaging/config.toml).
-    #[arg(long = "config", visible_alias = "conf", global = true, value_name = "PATH")]
+    #[arg(
+        long = "config",
+        visible_alias = "conf",
+        global = true,
+        value_name = "PATH"
+    )]
     pub config: Option<PathBuf>,
 
     /// More log output (repeat for more).

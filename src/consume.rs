@@ -270,7 +270,11 @@ async fn session(ctx: &Arc<Context>, connected: &Connected, permits: &Arc<Semaph
 }
 
 /// Cancel the consumers, wait (bounded) for in-flight callbacks, close the channels.
-async fn drain(ctx: &Context, consumers: &[(Channel, Consumer, DeclaredQueue)], tracker: &TaskTracker) {
+async fn drain(
+    ctx: &Context,
+    consumers: &[(Channel, Consumer, DeclaredQueue)],
+    tracker: &TaskTracker,
+) {
     for (channel, consumer, _) in consumers {
         if let Err(err) = channel
             .basic_cancel(consumer.tag(), BasicCancelOptions::default())
@@ -319,10 +323,7 @@ async fn register(
 ) -> anyhow::Result<(Channel, Consumer)> {
     let channel = conn.create_channel().await.map_err(errors::describe)?;
     channel
-        .basic_qos(
-            prefetch,
-            BasicQosOptions { global: false },
-        )
+        .basic_qos(prefetch, BasicQosOptions { global: false })
         .await
         .map_err(errors::describe)?;
     let tag = uuid::Uuid::new_v4().to_string();
@@ -335,7 +336,8 @@ async fn register(
         )
         .await
         .map_err(|e| {
-            let err = errors::describe(e).context(format!("cannot consume from queue '{}'", queue.name));
+            let err =
+                errors::describe(e).context(format!("cannot consume from queue '{}'", queue.name));
             match errors::reply_code(&err) {
                 Some(errors::ACCESS_REFUSED) => Exit::new(code::PERMISSION, err),
                 Some(_) => Exit::new(code::REGISTRATION, err),
@@ -355,7 +357,11 @@ async fn register(
 fn effective_prefetch(config: &Config) -> u16 {
     let count = config.qos.prefetch_count;
     let concurrency = u16::try_from(config.callback.concurrency).unwrap_or(u16::MAX);
-    if count == 0 { 0 } else { count.max(concurrency) }
+    if count == 0 {
+        0
+    } else {
+        count.max(concurrency)
+    }
 }
 
 /// Errors carrying a broker reply code or an exit code are fatal; anything else (an I/O error,
@@ -394,14 +400,21 @@ async fn consume_loop(
         };
         match next {
             Some(Ok(delivery)) => {
-                tracker.spawn(handle_delivery(delivery, Arc::clone(&queue), Arc::clone(&ctx), permit));
+                tracker.spawn(handle_delivery(
+                    delivery,
+                    Arc::clone(&queue),
+                    Arc::clone(&ctx),
+                    permit,
+                ));
             }
             Some(Err(err)) => return lost_or_fatal(errors::describe(err), &queue),
             None if channel.status().connected() => {
                 // The broker cancelled the consumer (the queue was deleted, …): exit 12.
                 return LoopEnd::Fatal(Exit::new(
                     code::CONSUMER_CANCELED,
-                    anyhow!("the broker cancelled the consumer of queue '{queue}' (was the queue deleted?)"),
+                    anyhow!(
+                        "the broker cancelled the consumer of queue '{queue}' (was the queue deleted?)"
+                    ),
                 ));
             }
             None => return LoopEnd::Lost(anyhow!("the channel of queue '{queue}' was closed")),
@@ -413,7 +426,9 @@ fn lost_or_fatal(err: anyhow::Error, queue: &str) -> LoopEnd {
     match errors::reply_code(&err) {
         Some(errors::ACCESS_REFUSED) => LoopEnd::Fatal(Exit::new(
             code::PERMISSION,
-            err.context(format!("the broker refused access while consuming from '{queue}'")),
+            err.context(format!(
+                "the broker refused access while consuming from '{queue}'"
+            )),
         )),
         _ => LoopEnd::Lost(err),
     }
@@ -449,7 +464,9 @@ async fn handle_delivery(
         let topic = received.message.topic.clone();
         let id = received.id_for_log().to_owned();
         if let Some(max) = ctx.config.callback.max_redeliveries {
-            let count = ctx.redeliveries.count(&delivery, received.message.id.as_deref());
+            let count = ctx
+                .redeliveries
+                .count(&delivery, received.message.id.as_deref());
             if count > u64::from(max) {
                 tracing::warn!(
                     "message {id} (topic {topic}) was redelivered {count} times, more than \
@@ -463,18 +480,24 @@ async fn handle_delivery(
             }
         }
         tracing::info!("Consuming message from topic {topic} (message id {id})");
-        ctx.stats.in_flight.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        ctx.stats
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let received_id = received.message.id.clone();
         let started = Instant::now();
         let outcome = ctx.handler.handle(received).await;
         ctx.stats.observe_callback(&queue, started.elapsed());
-        ctx.stats.in_flight.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        ctx.stats
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         match outcome {
             Outcome::Ack => {
                 ctx.redeliveries.forget(received_id.as_deref());
                 settle(&delivery, Settle::Ack).await;
                 ctx.stats.count(&queue, Counter::Processed);
-                tracing::info!("Successfully consumed message from topic {topic} (message id {id})");
+                tracing::info!(
+                    "Successfully consumed message from topic {topic} (message id {id})"
+                );
             }
             Outcome::Nack => {
                 tracing::info!("Returning message id {id} to the queue");
@@ -487,7 +510,11 @@ async fn handle_delivery(
                 settle(&delivery, Settle::Nack { requeue: false }).await;
                 ctx.stats.count(&queue, Counter::Dropped);
             }
-            Outcome::Halt { exit_code, requeue, reason } => {
+            Outcome::Halt {
+                exit_code,
+                requeue,
+                reason,
+            } => {
                 if requeue {
                     settle(&delivery, Settle::Nack { requeue: true }).await;
                     ctx.stats.count(&queue, Counter::Rejected);
@@ -581,7 +608,9 @@ struct Backoff {
 
 impl Backoff {
     fn new() -> Backoff {
-        Backoff { next: BACKOFF_START }
+        Backoff {
+            next: BACKOFF_START,
+        }
     }
 
     fn reset(&mut self) {

@@ -80,7 +80,10 @@ impl Message {
         let mut m = Map::new();
         m.insert("body".into(), self.body.clone());
         m.insert("headers".into(), Value::Object(self.headers.clone()));
-        m.insert("id".into(), self.id.clone().map_or(Value::Null, Value::from));
+        m.insert(
+            "id".into(),
+            self.id.clone().map_or(Value::Null, Value::from),
+        );
         m.insert("priority".into(), Value::from(self.priority.unwrap_or(0)));
         m.insert(
             "queue".into(),
@@ -161,7 +164,9 @@ impl Message {
             Some(v) => Some(
                 json_integer(&v)
                     .filter(|p| (0..=255).contains(p))
-                    .ok_or_else(|| format!("'priority' must be an integer from 0 to 255, not {v}"))?,
+                    .ok_or_else(|| {
+                        format!("'priority' must be an integer from 0 to 255, not {v}")
+                    })?,
             ),
         };
         let message = Message {
@@ -187,7 +192,10 @@ impl Message {
     ) -> Message {
         headers.insert(SCHEMA_HEADER.into(), Value::from(schema));
         if schema == BASE_SCHEMA {
-            headers.insert(SCHEMA_PACKAGE_HEADER.into(), Value::from(BASE_SCHEMA_PACKAGE));
+            headers.insert(
+                SCHEMA_PACKAGE_HEADER.into(),
+                Value::from(BASE_SCHEMA_PACKAGE),
+            );
         }
         headers.insert(SENT_AT_HEADER.into(), Value::from(utc_now_iso8601()));
         headers.insert(SEVERITY_HEADER.into(), Value::from(severity));
@@ -214,8 +222,10 @@ impl Message {
             .entry(SCHEMA_HEADER)
             .or_insert_with(|| Value::from(BASE_SCHEMA));
         if schema == BASE_SCHEMA {
-            self.headers
-                .insert(SCHEMA_PACKAGE_HEADER.into(), Value::from(BASE_SCHEMA_PACKAGE));
+            self.headers.insert(
+                SCHEMA_PACKAGE_HEADER.into(),
+                Value::from(BASE_SCHEMA_PACKAGE),
+            );
         }
         self.headers
             .entry(SENT_AT_HEADER)
@@ -517,7 +527,9 @@ fn json_to_amqp(v: &Value) -> Result<AMQPValue, String> {
                     Err(_) => AMQPValue::LongLongInt(i),
                 }
             } else if let Some(u) = n.as_u64() {
-                return Err(format!("header value {u} does not fit a signed 64-bit integer"));
+                return Err(format!(
+                    "header value {u} does not fit a signed 64-bit integer"
+                ));
             } else {
                 AMQPValue::Double(n.as_f64().unwrap_or(f64::NAN))
             }
@@ -704,7 +716,10 @@ mod tests {
         let line = GOOD_DUMP.trim_end();
         let msg = Message::from_record(serde_json::from_str(line).unwrap()).unwrap();
         assert_eq!(msg.topic, "test_topic");
-        assert_eq!(msg.id.as_deref(), Some("273ed91d-b8b5-487a-9576-95b9fbdf3eec"));
+        assert_eq!(
+            msg.id.as_deref(),
+            Some("273ed91d-b8b5-487a-9576-95b9fbdf3eec")
+        );
         assert_eq!(msg.queue.as_deref(), Some("test_queue"));
         assert_eq!(msg.severity(), 20);
         // fedora-messaging's dumps always writes priority (0 when unset).
@@ -740,11 +755,17 @@ mod tests {
         let id = msg.id.clone().unwrap();
         assert_eq!(uuid::Uuid::parse_str(&id).unwrap().get_version_num(), 4);
         let sent_at = msg.headers[SENT_AT_HEADER].as_str().unwrap().to_owned();
-        assert!(sent_at.ends_with("+00:00") && sent_at.len() == 25, "{sent_at}");
+        assert!(
+            sent_at.ends_with("+00:00") && sent_at.len() == 25,
+            "{sent_at}"
+        );
 
         let mut kept = Message::from_record(serde_json::from_str(GOOD_DUMP).unwrap()).unwrap();
         kept.prepare_for_publish();
-        assert_eq!(kept.id.as_deref(), Some("273ed91d-b8b5-487a-9576-95b9fbdf3eec"));
+        assert_eq!(
+            kept.id.as_deref(),
+            Some("273ed91d-b8b5-487a-9576-95b9fbdf3eec")
+        );
         assert_eq!(kept.headers[SENT_AT_HEADER], "2018-11-18T10:11:41+00:00");
     }
 
@@ -759,11 +780,17 @@ mod tests {
             None,
         );
         assert_eq!(msg.routing_key(""), "app.event");
-        assert_eq!(msg.routing_key("org.fedoraproject.prod.."), "org.fedoraproject.prod.app.event");
+        assert_eq!(
+            msg.routing_key("org.fedoraproject.prod.."),
+            "org.fedoraproject.prod.app.event"
+        );
         // Key order kept, ASCII-only, Python separators.
         assert_eq!(msg.encoded_body(), br#"{"b": 1, "a": "\u00fc"}"#);
         let props = msg.amqp_properties().unwrap();
-        assert_eq!(props.content_type().as_ref().unwrap().as_str(), "application/json");
+        assert_eq!(
+            props.content_type().as_ref().unwrap().as_str(),
+            "application/json"
+        );
         assert_eq!(props.content_encoding().as_ref().unwrap().as_str(), "utf-8");
         assert_eq!(*props.delivery_mode(), Some(2));
         assert_eq!(*props.priority(), None);
@@ -784,7 +811,10 @@ mod tests {
         let table = json_to_field_table(h.as_object().unwrap()).unwrap();
         let inner = table.inner();
         assert!(matches!(inner.get("i"), Some(AMQPValue::LongInt(5))));
-        assert!(matches!(inner.get("big"), Some(AMQPValue::LongLongInt(5_000_000_000))));
+        assert!(matches!(
+            inner.get("big"),
+            Some(AMQPValue::LongLongInt(5_000_000_000))
+        ));
         assert!(matches!(inner.get("f"), Some(AMQPValue::Double(_))));
         assert!(matches!(inner.get("n"), Some(AMQPValue::Void)));
         assert_eq!(Value::Object(field_table_to_json(&table)), h);

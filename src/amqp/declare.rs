@@ -57,7 +57,11 @@ pub async fn declare(
                 };
                 declaration_error(err.context(what))
             })?;
-        tracing::debug!(queue = q.name().as_str(), messages = q.message_count(), "queue declared");
+        tracing::debug!(
+            queue = q.name().as_str(),
+            messages = q.message_count(),
+            "queue declared"
+        );
         declared.push(DeclaredQueue {
             configured: name.clone(),
             name: q.name().as_str().to_owned(),
@@ -105,4 +109,3 @@ fn declaration_error(err: anyhow::Error) -> anyhow::Error {
         Exit::new(code::BAD_DECLARATION, err)
     }
 }
-

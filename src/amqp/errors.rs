@@ -16,10 +16,11 @@ pub const PRECONDITION_FAILED: u16 = 406;
 
 /// The AMQP reply code behind an error, if the broker sent one.
 pub fn reply_code(err: &anyhow::Error) -> Option<u16> {
-    err.chain().find_map(|e| match e.downcast_ref::<lapin::Error>()?.kind() {
-        ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
-        _ => None,
-    })
+    err.chain()
+        .find_map(|e| match e.downcast_ref::<lapin::Error>()?.kind() {
+            ErrorKind::ProtocolError(amqp) => Some(amqp.get_id()),
+            _ => None,
+        })
 }
 
 /// Whether the broker refused access (403), or refused the login during the handshake.

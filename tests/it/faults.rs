@@ -134,7 +134,10 @@ async fn publish_many(url: &str, key: &str, n: usize, body: &Value) -> BTreeSet<
         pending.push(confirm);
     }
     for confirm in pending {
-        assert!(confirm.await.expect("confirm").is_ack(), "the broker nacked a message");
+        assert!(
+            confirm.await.expect("confirm").is_ack(),
+            "the broker nacked a message"
+        );
     }
     let _ = conn.close(200, "done".into()).await;
     ids
@@ -154,20 +157,29 @@ async fn a_broker_restart_in_the_middle_of_5000_messages_loses_nothing() {
     let (_keep, out) = out_file();
     let fm = Fm::new().config_toml(&config(node.url(), &queue, &out, "", ""));
     let mut proc = fm.arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer").await;
+    proc.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let ids = publish_many(node.url(), &format!("{queue}.ack"), 5000, &json!({"n": 1})).await;
 
     // Restart once fm is part-way through.
     let deadline = Instant::now() + Duration::from_secs(60);
     while handled(&out).len() < 500 {
-        assert!(Instant::now() < deadline, "fm is not consuming:\n{}", proc.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "fm is not consuming:\n{}",
+            proc.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     node.stop_node().await;
     node.start_node().await;
 
     wait_all_handled(&proc, &out, &ids, Duration::from_secs(180)).await;
-    assert!(proc.stderr().contains("connection lost"), "{}", proc.stderr());
+    assert!(
+        proc.stderr().contains("connection lost"),
+        "{}",
+        proc.stderr()
+    );
     assert_consuming(&proc, node.url(), &queue, &out).await;
     node.wait_for_depth(&queue, 0).await;
     proc.kill("TERM");
@@ -182,15 +194,25 @@ async fn connections_closed_by_the_broker_three_times_in_a_row() {
     let (_keep, out) = out_file();
     let fm = Fm::new().config_toml(&config(node.url(), &queue, &out, "", ""));
     let mut proc = fm.arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer").await;
+    proc.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let ids = publish_many(node.url(), &format!("{queue}.ack"), 300, &json!({})).await;
     for round in 1..=3 {
         node.rabbitmqctl(&["close_all_connections", &format!("fault injection {round}")])
             .await;
         // Wait for fm to come back before the next blow.
         let deadline = Instant::now() + Duration::from_secs(60);
-        while proc.stderr().matches("Successfully registered AMQP consumer").count() < round + 1 {
-            assert!(Instant::now() < deadline, "fm did not reconnect:\n{}", proc.stderr());
+        while proc
+            .stderr()
+            .matches("Successfully registered AMQP consumer")
+            .count()
+            < round + 1
+        {
+            assert!(
+                Instant::now() < deadline,
+                "fm did not reconnect:\n{}",
+                proc.stderr()
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -208,7 +230,9 @@ async fn sigkill_mid_stream_then_a_restart_handles_everything() {
     let (_keep, out) = out_file();
     let cfg = config(broker.url(), &queue, &out, "", "");
     let mut first = Fm::new().config_toml(&cfg).arg("consume").spawn();
-    first.wait_for_stderr("Successfully registered AMQP consumer").await;
+    first
+        .wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let ids = publish_many(broker.url(), &format!("{queue}.ack"), 2000, &json!({})).await;
     while handled(&out).len() < 200 {
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -218,7 +242,9 @@ async fn sigkill_mid_stream_then_a_restart_handles_everything() {
 
     let mut second = Fm::new().config_toml(&cfg).arg("consume").spawn();
     wait_all_handled(&second, &out, &ids, Duration::from_secs(120)).await;
-    second.wait_for_stderr("Successfully registered AMQP consumer").await;
+    second
+        .wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     broker.wait_for_depth(&queue, 0).await;
     second.kill("TERM");
     second.wait().await.assert_code(0);
@@ -233,14 +259,20 @@ async fn sigterm_with_8_slow_callbacks_in_flight_finishes_and_acks_them() {
     let cfg = config(broker.url(), &queue, &out, "concurrency = 8", "");
     let ids = {
         broker.declare_queue(&queue).await;
-        broker.bind(&queue, "amq.topic", &format!("{queue}.#")).await;
+        broker
+            .bind(&queue, "amq.topic", &format!("{queue}.#"))
+            .await;
         publish_many(broker.url(), &format!("{queue}.slow2"), 20, &json!({})).await
     };
     let proc = Fm::new().config_toml(&cfg).arg("consume").spawn();
     // Eight callbacks start at once (each records before sleeping).
     let deadline = Instant::now() + Duration::from_secs(30);
     while handled(&out).len() < 8 {
-        assert!(Instant::now() < deadline, "not 8 in flight:\n{}", proc.stderr());
+        assert!(
+            Instant::now() < deadline,
+            "not 8 in flight:\n{}",
+            proc.stderr()
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     proc.kill("TERM");
@@ -249,7 +281,11 @@ async fn sigterm_with_8_slow_callbacks_in_flight_finishes_and_acks_them() {
     let seen = handled(&out);
     assert_eq!(seen.len(), 8, "no new message was started after SIGTERM");
     assert!(
-        output.stderr.matches("Successfully consumed message").count() == 8,
+        output
+            .stderr
+            .matches("Successfully consumed message")
+            .count()
+            == 8,
         "all 8 in-flight messages were acked:\n{}",
         output.stderr
     );
@@ -269,15 +305,24 @@ async fn a_callback_blocking_past_the_heartbeat_timeout_keeps_the_connection() {
         .config_toml(&config(&url, &queue, &out, "", ""))
         .arg("consume")
         .spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer").await;
+    proc.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let slow = publish_many(broker.url(), &format!("{queue}.slow4"), 1, &json!({})).await;
     let fast = publish_many(broker.url(), &format!("{queue}.ack"), 5, &json!({})).await;
     wait_all_handled(&proc, &out, &fast, Duration::from_secs(60)).await;
     proc.kill("TERM");
     let output = proc.wait().await;
     output.assert_code(0);
-    assert!(!output.stderr.contains("connection lost"), "{}", output.stderr);
-    assert_eq!(handled(&out)[slow.first().unwrap()], 1, "handled once, not redelivered");
+    assert!(
+        !output.stderr.contains("connection lost"),
+        "{}",
+        output.stderr
+    );
+    assert_eq!(
+        handled(&out)[slow.first().unwrap()],
+        1,
+        "handled once, not redelivered"
+    );
     broker.delete_queue(&queue).await;
 }
 
@@ -288,19 +333,34 @@ async fn a_poison_message_is_dropped_after_max_redeliveries_and_bad_messages_nev
     let dlq = format!("{queue}.dead");
     broker.declare_queue(&dlq).await;
     let (_keep, out) = out_file();
-    let dlx = format!("\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"");
+    let dlx =
+        format!("\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"");
     let cfg = config(broker.url(), &queue, &out, "max_redeliveries = 3", &dlx);
     let mut proc = Fm::new().config_toml(&cfg).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer").await;
+    proc.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
 
     let poison = publish_many(broker.url(), &format!("{queue}.poison"), 1, &json!({})).await;
     // Bad messages of every kind, straight to the queue.
     let rk = format!("{queue}.ack");
     let bad_props = || BasicProperties::default().with_message_id("bad".into());
-    broker.publish("amq.topic", &rk, b"{not json", bad_props()).await;
-    broker.publish("amq.topic", &rk, b"\xc3\x28", bad_props()).await;
-    broker.publish("amq.topic", &rk, b"[1, 2, 3]", bad_props()).await;
-    broker.publish("amq.topic", &rk, b"{\"no\": \"headers\"}", BasicProperties::default()).await;
+    broker
+        .publish("amq.topic", &rk, b"{not json", bad_props())
+        .await;
+    broker
+        .publish("amq.topic", &rk, b"\xc3\x28", bad_props())
+        .await;
+    broker
+        .publish("amq.topic", &rk, b"[1, 2, 3]", bad_props())
+        .await;
+    broker
+        .publish(
+            "amq.topic",
+            &rk,
+            b"{\"no\": \"headers\"}",
+            BasicProperties::default(),
+        )
+        .await;
     let big = json!({"data": "x".repeat(10 * 1024 * 1024)});
     let big_ids = publish_many(broker.url(), &rk, 1, &big).await;
     let good = publish_many(broker.url(), &rk, 20, &json!({"fine": true})).await;
@@ -309,8 +369,16 @@ async fn a_poison_message_is_dropped_after_max_redeliveries_and_bad_messages_nev
     wait_all_handled(&proc, &out, &big_ids, Duration::from_secs(60)).await;
     broker.wait_for_depth(&dlq, 1 + 3).await; // the poison message and three bad bodies
     let seen = handled(&out);
-    assert_eq!(seen[poison.first().unwrap()], 4, "first delivery + 3 redeliveries, then dropped");
-    assert!(proc.stderr().contains("max_redeliveries = 3"), "{}", proc.stderr());
+    assert_eq!(
+        seen[poison.first().unwrap()],
+        4,
+        "first delivery + 3 redeliveries, then dropped"
+    );
+    assert!(
+        proc.stderr().contains("max_redeliveries = 3"),
+        "{}",
+        proc.stderr()
+    );
     assert_consuming(&proc, broker.url(), &queue, &out).await;
     proc.kill("TERM");
     proc.wait().await.assert_code(0);
@@ -333,18 +401,29 @@ async fn two_fm_processes_share_one_queue() {
         .config_toml(&config(broker.url(), &queue, &out_b, "", ""))
         .arg("consume")
         .spawn();
-    a.wait_for_stderr("Successfully registered AMQP consumer").await;
-    b.wait_for_stderr("Successfully registered AMQP consumer").await;
+    a.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
+    b.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let ids = publish_many(broker.url(), &format!("{queue}.ack"), 1000, &json!({})).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let (sa, sb) = (handled(&out), handled(&out_b));
         let all: BTreeSet<String> = sa.keys().chain(sb.keys()).cloned().collect();
         if all.is_superset(&ids) {
-            assert!(!sa.is_empty() && !sb.is_empty(), "each handled some: {} and {}", sa.len(), sb.len());
+            assert!(
+                !sa.is_empty() && !sb.is_empty(),
+                "each handled some: {} and {}",
+                sa.len(),
+                sb.len()
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "only {} of 1000 handled", all.len());
+        assert!(
+            Instant::now() < deadline,
+            "only {} of 1000 handled",
+            all.len()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     broker.wait_for_depth(&queue, 0).await;
@@ -363,12 +442,20 @@ async fn a_cluster_node_stopping_moves_fm_to_another_node() {
     let queue = util::unique("cluster");
     let (_keep, out) = out_file();
     let urls: Vec<String> = nodes.iter().map(|n| format!("\"{}\"", n.url())).collect();
-    let cfg = config(nodes[0].url(), &queue, &out, "", "\"x-queue-type\" = \"quorum\"").replace(
+    let cfg = config(
+        nodes[0].url(),
+        &queue,
+        &out,
+        "",
+        "\"x-queue-type\" = \"quorum\"",
+    )
+    .replace(
         &format!("amqp_url = \"{}\"", nodes[0].url()),
         &format!("amqp_url = [{}]", urls.join(", ")),
     );
     let mut proc = Fm::new().config_toml(&cfg).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer").await;
+    proc.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
     let ids = publish_many(nodes[1].url(), &format!("{queue}.ack"), 2000, &json!({})).await;
     while handled(&out).len() < 200 {
         tokio::time::sleep(Duration::from_millis(20)).await;
