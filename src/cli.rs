@@ -133,8 +133,9 @@ pub struct PublishArgs {
     /// the first one (the exit status still reports them).
     #[arg(long)]
     pub keep_going: bool,
-    /// Write every message that was not confirmed by the broker to this file, in the record
-    /// format, ready to publish again (created even when empty).
+    /// Write every message that was not published (refused, not confirmed, or not sent
+    /// because publishing stopped) to this file, in the record format and input order, ready
+    /// to publish again (created even when empty).
     #[arg(long, value_name = "FILE")]
     pub failed: Option<PathBuf>,
     /// How long to wait for the broker: to connect, and to confirm each message.

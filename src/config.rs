@@ -77,6 +77,9 @@ pub const VALID_KEYS: &[&str] = &[
     "shutdown_timeout",
 ];
 
+/// The longest queue, exchange or routing-key name AMQP carries (a short string).
+const MAX_NAME_BYTES: usize = 255;
+
 /// The whole, validated configuration. Built by [`Config::load`] or [`Config::from_toml_str`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -438,6 +441,17 @@ impl Config {
     /// Apply fedora-messaging's `consume`/`record` overrides (`--app-name`, `--queue-name`,
     /// `--exchange`, `--routing-key`, `--callback`), as its `_consume` does.
     pub fn apply_overrides(&mut self, o: &Overrides) -> anyhow::Result<()> {
+        let names = o
+            .queue_name
+            .iter()
+            .chain(&o.exchange)
+            .chain(&o.routing_keys);
+        if let Some(long) = names.into_iter().find(|n| n.len() > MAX_NAME_BYTES) {
+            return Err(Exit::new(
+                code::USAGE,
+                anyhow::anyhow!("'{long}' is longer than AMQP's 255 bytes"),
+            ));
+        }
         if let Some(app) = &o.app_name {
             self.client_properties
                 .insert("app".to_owned(), Value::from(app.as_str()));
@@ -922,6 +936,15 @@ impl<'t> Parser<'t> {
                 ));
             }
             let raw: RawQueue = self.de(&what, entry)?;
+            if name.get_ref().len() > MAX_NAME_BYTES {
+                return Err(self.err(
+                    name.span(),
+                    format!(
+                        "queue name '{}' is longer than AMQP's 255 bytes",
+                        name.get_ref()
+                    ),
+                ));
+            }
             let arguments = self.json_table(&format!("{what} arguments"), &table["arguments"])?;
             out.push((
                 name.get_ref().to_string(),
@@ -982,6 +1005,17 @@ impl<'t> Parser<'t> {
                 ));
             }
             let raw: RawBinding = self.de(&what, entry)?;
+            let names = raw
+                .queue
+                .iter()
+                .chain([&raw.exchange])
+                .chain(&raw.routing_keys);
+            if let Some(long) = names.into_iter().find(|n| n.len() > MAX_NAME_BYTES) {
+                return Err(self.err(
+                    entry.span(),
+                    format!("{what}: '{long}' is longer than AMQP's 255 bytes"),
+                ));
+            }
             let arguments = match table.get("arguments") {
                 Some(a) => self.json_table(&format!("{what} arguments"), a)?,
                 None => Map::new(),
@@ -1844,6 +1878,17 @@ mod tests {
             &error("[queues]\nw = 1"),
             &["[queues.\"w\"] must be a table"],
         );
+    }
+
+    #[test]
+    fn names_longer_than_amqp_allows_are_refused() {
+        let long = "q".repeat(256);
+        let queue = format!(
+            "[queues.{long}]\ndurable = true\nauto_delete = false\nexclusive = false\narguments = {{}}\n"
+        );
+        assert!(error(&queue).contains("longer than AMQP's 255 bytes"));
+        let binding = format!("[[bindings]]\nexchange = \"e\"\nrouting_keys = [\"{long}\"]\n");
+        assert!(error(&binding).contains("longer than AMQP's 255 bytes"));
     }
 
     #[test]

@@ -129,11 +129,20 @@ pub fn directives(log_config: &LogConfig, verbosity: i8, fm_log: Option<&str>) -
     let fm = level("fedora_messaging").unwrap_or(log_config.root);
     out.push(format!("{FM_TARGET}={}", level_name(adjust(fm, verbosity))));
 
-    if let Some(amqp) = AMQP_LOGGERS.iter().filter_map(|n| level(n)).max() {
-        for target in AMQP_TARGETS {
-            out.push(format!("{target}={}", level_name(amqp)));
-        }
+    // fm reports every connection, channel and publish failure itself, in words that name the
+    // broker, queue or message; lapin's own lines repeat them. Unless the file asks for pika's
+    // (or twisted's) level, only lapin's errors are shown.
+    let amqp = AMQP_LOGGERS
+        .iter()
+        .filter_map(|n| level(n))
+        .max()
+        .unwrap_or(LevelFilter::ERROR);
+    for target in AMQP_TARGETS {
+        out.push(format!("{target}={}", level_name(amqp)));
     }
+    // A returned (unroutable) message is reported by `fm publish` with its id; lapin's warning
+    // dumps the whole message.
+    out.push("lapin::returned_messages=error".to_owned());
 
     for (name, level) in &log_config.loggers {
         if name == "fedora_messaging" || AMQP_LOGGERS.contains(&name.as_str()) {
@@ -205,7 +214,10 @@ mod tests {
 
     #[test]
     fn without_log_config_root_is_warn_and_fm_info() {
-        assert_eq!(directives(&LogConfig::default(), 0, None), "warn,fm=info");
+        assert_eq!(
+            directives(&LogConfig::default(), 0, None),
+            "warn,fm=info,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
     }
 
     #[test]
@@ -260,7 +272,7 @@ mod tests {
         );
         assert_eq!(
             directives(&c, 0, None),
-            "error,fm=info,lapin=info,amq_protocol=info,\
+            "error,fm=info,lapin=info,amq_protocol=info,lapin::returned_messages=error,\
              fm::callback::example_printer=debug,fm::callback::my::pkg=warn"
         );
         // Every directive we build is one EnvFilter accepts.
@@ -270,21 +282,48 @@ mod tests {
     #[test]
     fn fm_inherits_the_root_level_when_the_file_does_not_set_fedora_messaging() {
         let c = log_config("[log_config.root]\nlevel = \"ERROR\"\n");
-        assert_eq!(directives(&c, 0, None), "error,fm=error");
+        assert_eq!(
+            directives(&c, 0, None),
+            "error,fm=error,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
         let c = log_config("[log_config]\nversion = 1\n");
-        assert_eq!(directives(&c, 0, None), "warn,fm=warn");
+        assert_eq!(
+            directives(&c, 0, None),
+            "warn,fm=warn,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
     }
 
     #[test]
     fn verbose_and_quiet_move_fm_one_step_per_flag() {
         let c = LogConfig::default();
-        assert_eq!(directives(&c, 1, None), "warn,fm=debug");
-        assert_eq!(directives(&c, 2, None), "warn,fm=trace");
-        assert_eq!(directives(&c, 5, None), "warn,fm=trace");
-        assert_eq!(directives(&c, -1, None), "warn,fm=warn");
-        assert_eq!(directives(&c, -2, None), "warn,fm=error");
-        assert_eq!(directives(&c, -3, None), "warn,fm=off");
-        assert_eq!(directives(&c, -100, None), "warn,fm=off");
+        assert_eq!(
+            directives(&c, 1, None),
+            "warn,fm=debug,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
+        assert_eq!(
+            directives(&c, 2, None),
+            "warn,fm=trace,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
+        assert_eq!(
+            directives(&c, 5, None),
+            "warn,fm=trace,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
+        assert_eq!(
+            directives(&c, -1, None),
+            "warn,fm=warn,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
+        assert_eq!(
+            directives(&c, -2, None),
+            "warn,fm=error,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
+        assert_eq!(
+            directives(&c, -3, None),
+            "warn,fm=off,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
+        assert_eq!(
+            directives(&c, -100, None),
+            "warn,fm=off,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
         assert_eq!(adjust(LevelFilter::OFF, 1), LevelFilter::ERROR);
     }
 
@@ -292,7 +331,10 @@ mod tests {
     fn fm_log_replaces_everything_unless_blank() {
         let c = LogConfig::default();
         assert_eq!(directives(&c, 2, Some("lapin=trace")), "lapin=trace");
-        assert_eq!(directives(&c, 0, Some("  ")), "warn,fm=info");
+        assert_eq!(
+            directives(&c, 0, Some("  ")),
+            "warn,fm=info,lapin=error,amq_protocol=error,lapin::returned_messages=error"
+        );
     }
 
     #[test]

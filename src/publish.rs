@@ -23,7 +23,7 @@
 //! | the broker closed the channel (403 refused, 404 no such exchange…) | 121 | stops |
 //! | not confirmed within `--timeout` | 111 | stops |
 //! | no connection within `--timeout` (at start, or after a loss) | 111 | stops |
-//! | the broker refused the login | 121 | stops |
+//! | the broker refused the login | 1 | stops |
 //! | reading the input failed, or SIGINT/SIGTERM | 1 | stops |
 //!
 //! With pipelining "the first failure" is fuzzy, so when several kinds happened the exit
@@ -70,6 +70,9 @@ pub const WINDOW: usize = 1000;
 /// The progress bar appears only when publishing takes longer than this, so a short file
 /// leaves no trace on the terminal.
 const SHOW_PROGRESS_AFTER: Duration = Duration::from_secs(1);
+
+/// The longest fm waits for the broker to acknowledge closing the channel or connection.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How many message ids an error lists before saying "and N more".
 const IDS_SHOWN: usize = 20;
@@ -405,7 +408,12 @@ struct Progress {
     bar: Option<ProgressBar>,
     started: Instant,
     shown: bool,
+    /// Updates are throttled: the loop runs once per message and confirm.
+    last: Instant,
 }
+
+/// How often the progress bar is updated.
+const PROGRESS_EVERY: Duration = Duration::from_millis(100);
 
 impl Progress {
     fn new(source: &Source) -> Progress {
@@ -423,16 +431,23 @@ impl Progress {
             }),
             _ => None,
         };
+        let now = Instant::now();
         Progress {
             bar,
-            started: Instant::now(),
+            started: now,
             shown: false,
+            last: now,
         }
     }
 
     fn update(&mut self, bytes: u64, published: u64) {
         let Some(bar) = &self.bar else { return };
-        if !self.shown && self.started.elapsed() >= SHOW_PROGRESS_AFTER {
+        let now = Instant::now();
+        if now < self.last + PROGRESS_EVERY {
+            return;
+        }
+        self.last = now;
+        if !self.shown && now >= self.started + SHOW_PROGRESS_AFTER {
             bar.set_draw_target(ProgressDrawTarget::stderr());
             self.shown = true;
         }
@@ -589,7 +604,8 @@ impl Publisher {
                 Ok(channel) => {
                     let end = self.session(&connected, &channel).await;
                     if matches!(end, SessionEnd::Done) {
-                        let _ = channel.close(200, "fm publish done".into()).await;
+                        let closing = channel.close(200, "fm publish done".into());
+                        let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
                     }
                     end
                 }
@@ -617,8 +633,8 @@ impl Publisher {
         close(&connected).await;
     }
 
-    /// Connect within `--timeout`, trying again until then. On failure, stop with 111 (or
-    /// 121 when the broker refused the login) and return `None`.
+    /// Connect within `--timeout`, trying again until then. On failure, stop with 111 (or 1
+    /// when the broker refused the login) and return `None`.
     async fn connect(&mut self, doing: &str) -> Option<Connected> {
         let deadline = Instant::now() + self.timeout;
         let mut last: Option<anyhow::Error> = None;
@@ -633,8 +649,10 @@ impl Publisher {
             };
             match attempt {
                 Ok(Ok(connected)) => return Some(connected),
-                Ok(Err(err)) if errors::is_access_refused(&err) => {
-                    self.stop_with(code::PUBLISH_REFUSED, format!("{doing}: {err:#}"));
+                // A refused login will not get better by trying again. fedora-messaging fails
+                // at once too (an uncaught ConnectionException: exit 1).
+                Ok(Err(err)) if crate::error::exit_code_of(&err) == code::PERMISSION => {
+                    self.stop_with(code::FAILURE, format!("{err:#}"));
                     return None;
                 }
                 Ok(Err(err)) => last = Some(err),
@@ -1001,8 +1019,18 @@ impl Publisher {
                     file.write(&out.message).await?;
                 }
                 // The rest of the input, never sent, so that the file completes the set.
+                // A signal stops this too (standard input may be a terminal or a long pipe).
                 if !interrupted {
-                    while let Some(Read { item, .. }) = self.input.recv().await {
+                    loop {
+                        let read = tokio::select! {
+                            biased;
+                            _ = self.shutdown.triggered() => break,
+                            read = self.input.recv() => read,
+                        };
+                        let Some(Read { item, .. }) = read else {
+                            self.input_done = true;
+                            break;
+                        };
                         match item {
                             Item::Message { line, message } => {
                                 self.line = line;
@@ -1022,7 +1050,6 @@ impl Publisher {
                             Item::Error(err) => return Err(err),
                         }
                     }
-                    self.input_done = true;
                 }
                 file.close().await?;
                 Ok(())
@@ -1249,12 +1276,12 @@ async fn open_channel(connected: &Connected) -> anyhow::Result<Channel> {
     Ok(channel)
 }
 
+/// Close the connection, without waiting long: a broker that blocks publishers (a memory
+/// or disk alarm) stops reading, and would never answer.
 async fn close(connected: &Connected) {
     if connected.connection.status().connected() {
-        let _ = connected
-            .connection
-            .close(200, "fm publish done".into())
-            .await;
+        let closing = connected.connection.close(200, "fm publish done".into());
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;
     }
 }
 
@@ -1357,5 +1384,137 @@ mod tests {
         long.topic = "x".repeat(300);
         let err = Outgoing::new(1, 1, long, "").err().expect("refused");
         assert!(err.contains("longer than 255"), "{err}");
+    }
+
+    /// A publisher that never connects, to check how outcomes are reported.
+    fn publisher() -> Publisher {
+        let (_tx, rx) = mpsc::channel(1);
+        Publisher {
+            connector: Connector::new(&Config::default()).unwrap(),
+            exchange: ShortString::from("amq.topic"),
+            topic_prefix: String::new(),
+            timeout: Duration::from_secs(30),
+            keep_going: true,
+            mandatory: true,
+            input_name: "in.jsonl".into(),
+            input: rx,
+            shutdown: Shutdown::new(),
+            progress: Progress {
+                bar: None,
+                started: Instant::now(),
+                shown: false,
+                last: Instant::now(),
+            },
+            line: 0,
+            bytes: 0,
+            read: 0,
+            retry: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            recent: VecDeque::new(),
+            returned: HashMap::new(),
+            failed: Vec::new(),
+            invalid: Vec::new(),
+            published: 0,
+            stop: None,
+            input_done: true,
+            last_id: None,
+        }
+    }
+
+    fn outgoing(seq: u64) -> Outgoing {
+        let line = format!(r#"{{"topic": "t", "body": {{}}, "id": "id-{seq}"}}"#);
+        Outgoing::new(seq, seq as usize, parse_line(line.as_bytes()).unwrap(), "").unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_most_serious_failure_decides_the_exit_code() {
+        let mut p = publisher();
+        p.invalid_line(1, "not valid JSON".into());
+        assert_eq!(
+            p.outcome(),
+            (2, "line 1 of in.jsonl: not valid JSON".into())
+        );
+        p.failed.push((
+            outgoing(2),
+            Failure::Unconfirmed,
+            "not confirmed in time".into(),
+        ));
+        assert_eq!(p.outcome().0, 111);
+        p.failed
+            .push((outgoing(3), Failure::Refused, "312 NO_ROUTE".into()));
+        assert_eq!(
+            p.outcome(),
+            (
+                121,
+                "message id-3 (line 3) was not published: 312 NO_ROUTE".into()
+            )
+        );
+    }
+
+    #[tokio::test]
+    async fn the_report_counts_and_lists_what_was_not_published() {
+        let mut p = publisher();
+        p.published = 5;
+        for seq in 1..=25 {
+            p.failed
+                .push((outgoing(seq), Failure::Refused, "312 NO_ROUTE".into()));
+        }
+        let (_, headline) = p.outcome();
+        let text = p.failure_text(headline, 2, &["id-26".into(), "id-27".into()], None);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[0],
+            "message id-1 (line 1) was not published: 312 NO_ROUTE"
+        );
+        assert_eq!(
+            lines[1],
+            "5 published, 27 not published (25 refused or returned by the broker; 2 not sent)"
+        );
+        assert!(
+            lines[2].starts_with("not published: id-1, id-2, "),
+            "{}",
+            lines[2]
+        );
+        assert!(lines[2].ends_with("id-20, and 7 more"), "{}", lines[2]);
+        assert_eq!(
+            lines[3],
+            "pass --failed FILE to save them for publishing again"
+        );
+    }
+
+    fn returned(id: &str) -> BasicReturnMessage {
+        let mut delivery =
+            lapin::message::Delivery::mock(0, "ex".into(), "t".into(), false, b"{}".to_vec());
+        delivery.properties = BasicProperties::default().with_message_id(id.into());
+        BasicReturnMessage {
+            delivery,
+            reply_code: NO_ROUTE,
+            reply_text: "NO_ROUTE".into(),
+        }
+    }
+
+    /// lapin hands a `basic.return` to whichever confirm completes next, which may be another
+    /// message's: the returned message is found by id, before or after its own confirm.
+    #[tokio::test]
+    async fn returns_are_matched_to_their_message_by_id() {
+        let mut p = publisher();
+        // The return of 1 comes with the confirm of 2, after 1 was taken as published.
+        p.settle(outgoing(1), Confirmation::Ack(None));
+        p.settle(outgoing(2), Confirmation::Ack(Some(returned("id-1"))));
+        // The return of 4 comes with the confirm of 3, before 4's own confirm.
+        p.settle(outgoing(3), Confirmation::Ack(Some(returned("id-4"))));
+        p.settle(outgoing(4), Confirmation::Ack(None));
+        assert_eq!(p.published, 2);
+        let failed: Vec<&str> = p.failed.iter().map(|(o, ..)| o.id()).collect();
+        assert_eq!(failed, ["id-1", "id-4"]);
+        assert!(p.failed[0].2.contains("312 NO_ROUTE"), "{}", p.failed[0].2);
+        assert!(p.returned.is_empty());
+        assert!(p.stop.is_none(), "--keep-going goes on");
+
+        // Without --keep-going, the first refusal stops publishing with 121.
+        let mut p = publisher();
+        p.keep_going = false;
+        p.settle(outgoing(1), Confirmation::Nack(None));
+        assert_eq!(p.stop.as_ref().map(|s| s.code), Some(121));
     }
 }

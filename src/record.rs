@@ -192,7 +192,9 @@ impl Recorder {
         let this = Arc::clone(self);
         let _ = tokio::task::spawn_blocking(move || {
             let out = this.out.lock().unwrap_or_else(|e| e.into_inner());
+            // Only regular files can be synced (not /dev/null, a pipe, a terminal).
             if let Sink::File(f) = &out.sink
+                && f.metadata().is_ok_and(|m| m.is_file())
                 && let Err(e) = f.sync_all()
             {
                 tracing::warn!("syncing {} to disk: {e}", this.name);
@@ -205,5 +207,108 @@ impl Recorder {
             );
         })
         .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::BasicProperties;
+
+    fn received(n: u32) -> Arc<Received> {
+        let mut delivery = lapin::message::Delivery::mock(
+            u64::from(n),
+            "amq.topic".into(),
+            "org.example.t".into(),
+            false,
+            format!(r#"{{"n": {n}, "é": "ü"}}"#).into_bytes(),
+        );
+        delivery.properties = BasicProperties::default()
+            .with_message_id(format!("id-{n}").as_str().into())
+            .with_content_encoding("utf-8".into())
+            .with_headers(
+                crate::message::json_to_field_table(
+                    serde_json::json!({"fedora_messaging_severity": 20,
+                                       "fedora_messaging_schema": "base.message"})
+                    .as_object()
+                    .unwrap(),
+                )
+                .unwrap(),
+            );
+        Arc::new(Received::from_delivery(&delivery, "q").unwrap())
+    }
+
+    #[test]
+    fn each_message_is_one_line_and_the_limit_halts() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("rec.jsonl");
+        let r = Recorder::create(&path, Some(2)).unwrap();
+        assert_eq!(r.write(&received(1)), Outcome::Ack);
+        // The line is in the file before the message is acked.
+        assert_eq!(std::fs::read_to_string(&path).unwrap().lines().count(), 1);
+        assert!(matches!(
+            r.write(&received(2)),
+            Outcome::Halt {
+                exit_code: 0,
+                requeue: false,
+                ..
+            }
+        ));
+        // A message after the limit (another queue's) goes back unrecorded.
+        assert!(matches!(
+            r.write(&received(3)),
+            Outcome::Halt {
+                exit_code: 0,
+                requeue: true,
+                ..
+            }
+        ));
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2);
+        assert_eq!(
+            lines[0],
+            r#"{"body": {"n": 1, "é": "ü"}, "headers": {"fedora_messaging_schema": "base.message", "fedora_messaging_severity": 20}, "id": "id-1", "priority": 0, "queue": "q", "topic": "org.example.t"}"#
+        );
+    }
+
+    #[test]
+    fn a_failed_write_requeues_and_exits_1() {
+        if !Path::new("/dev/full").exists() {
+            return;
+        }
+        let r = Recorder::create(Path::new("/dev/full"), None).unwrap();
+        let Outcome::Halt {
+            exit_code,
+            requeue,
+            reason,
+        } = r.write(&received(1))
+        else {
+            panic!("a failed write halts");
+        };
+        assert_eq!((exit_code, requeue), (1, true));
+        assert!(
+            reason
+                .unwrap()
+                .contains("unable to save messages to /dev/full")
+        );
+        // Nothing more is written after a failure.
+        assert!(matches!(
+            r.write(&received(2)),
+            Outcome::Halt {
+                exit_code: 1,
+                requeue: true,
+                ..
+            }
+        ));
+    }
+
+    #[test]
+    fn a_file_that_cannot_be_created_is_a_usage_error() {
+        let err = Recorder::create(Path::new("/nonexistent/dir/rec.jsonl"), None)
+            .err()
+            .expect("refused");
+        assert_eq!(crate::error::exit_code_of(&err), code::USAGE);
+        assert!(format!("{err:#}").contains("/nonexistent/dir/rec.jsonl"));
     }
 }

@@ -877,6 +877,25 @@ async fn broker_outages_lose_no_message() {
     let after: BTreeSet<String> = drain_ids(&node, &queue).await.into_iter().collect();
     let complete: BTreeSet<String> = before.union(&after).cloned().collect();
     assert_eq!(complete, ids.iter().cloned().collect::<BTreeSet<_>>());
+
+    // 3. A broker that takes messages but does not confirm them (a memory alarm blocks
+    // publishers): 111 once --timeout has passed, and the message is saved.
+    node.rabbitmqctl(&["set_vm_memory_high_watermark", "0"])
+        .await;
+    let started = Instant::now();
+    let (out, saved) = publish_with_failed(
+        Fm::new().config_toml(&config),
+        &["--topic", "t", "--body", "{}", "--timeout", "2"],
+    )
+    .await;
+    out.assert_code(111);
+    assert!(out.stderr.contains("did not confirm"), "{}", out.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(saved.len(), 1);
 }
 
 #[tokio::test]
@@ -901,4 +920,62 @@ async fn sigint_stops_after_the_in_flight_messages_are_confirmed() {
     assert_eq!(drain_ids(&b, &queue).await, ids);
     b.delete_queue(&queue).await;
     b.delete_exchange(&exchange).await;
+}
+
+/// A queue that refuses what it has no room for nacks the message: 121, and it is saved.
+#[tokio::test]
+async fn a_nacked_message_is_refused_with_121_and_saved() {
+    let Some(b) = broker() else { return };
+    let (exchange, queue) = (b.unique("full-ex"), b.unique("full-q"));
+    b.declare_topic_exchange(&exchange).await;
+    let args = crate::util::field_table([
+        ("x-max-length", AMQPValue::LongInt(1)),
+        ("x-overflow", AMQPValue::LongString("reject-publish".into())),
+    ]);
+    let opts = lapin::options::QueueDeclareOptions {
+        durable: true,
+        ..Default::default()
+    };
+    b.declare_queue_with(&queue, opts, args).await;
+    b.bind(&queue, &exchange, "#").await;
+    let config = format!(
+        "amqp_url = \"{}\"\npublish_exchange = \"{exchange}\"\n",
+        b.url()
+    );
+    let (text, ids) = numbered_lines(3);
+    let run = Fm::new().config_toml(&config);
+    run.write_file("in.jsonl", &text);
+    let (out, saved) = publish_with_failed(run, &["in.jsonl", "--keep-going"]).await;
+    out.assert_code(121);
+    assert!(out.stderr.contains("basic.nack"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("1 published, 2 not published"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(ids_of(&saved), ids[1..]);
+    assert_eq!(drain_ids(&b, &queue).await, ids[..1]);
+    b.delete_queue(&queue).await;
+    b.delete_exchange(&exchange).await;
+}
+
+/// A login the broker refuses will not succeed by waiting: exit 1 at once, as
+/// fedora-messaging (whose ConnectionException is not a publish error).
+#[tokio::test]
+async fn a_refused_login_fails_at_once_with_1() {
+    let Some(b) = broker() else { return };
+    let url = b.url().replacen("guest:guest@", "guest:wrong@", 1);
+    let started = Instant::now();
+    let out = Fm::new()
+        .config_toml(&format!("amqp_url = \"{url}\"\n"))
+        .args(["publish", "--topic", "t", "--body", "{}", "--timeout", "20"])
+        .run()
+        .await;
+    out.assert_code(1);
+    assert!(out.stderr.contains("refused the login"), "{}", out.stderr);
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
 }
