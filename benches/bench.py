@@ -30,6 +30,7 @@ import argparse
 import json
 import os
 import platform
+import select
 import signal
 import socket
 import statistics
@@ -225,11 +226,19 @@ def consume_run(url, case):
         watcher.wait()
         raise RuntimeError(f"{case.name}: the watcher did not start")
     proc = spawn(case.argv, case.env, logname=case.name)
+    # Wait for the watcher's answer, but give up as soon as the consumer dies before the queue
+    # is empty (a missing plugin, a crash): no point waiting for the watcher's timeout.
+    while not select.select([watcher.stdout], [], [], 0.2)[0]:
+        if proc.poll() is not None and not case.exits:
+            watcher.kill()
+            watcher.wait()
+            raise RuntimeError(f"{case.name} exited with status {proc.returncode} before the "
+                               f"queue was empty: {log_tail(case.name)}")
     result = json.loads(watcher.stdout.readline() or "null")
     watcher.wait()
     if result is None:
         stop(proc, signal.SIGKILL, 5)
-        raise RuntimeError(f"{case.name}: the queue did not drain (see target/bench/logs)")
+        raise RuntimeError(f"{case.name}: the queue did not drain: {log_tail(case.name)}")
     # Let it ack what it still holds (at most the prefetch window), then stop it.
     time.sleep(min(2.0, max(0.3, 3 * PREFETCH / max(result["rate"], 1))))
     if case.exits:
@@ -244,6 +253,17 @@ def consume_run(url, case):
         raise RuntimeError(f"{case.name}: {left} messages were not acked (status {status})")
     return {"rate": result["rate"], "secs": result["secs"], "counted": result["counted"],
             "exit": status}
+
+
+def log_tail(name, lines=5):
+    """The end of a consumer's log, for error messages."""
+    path = os.path.join(OUT, "logs", name + ".log")
+    try:
+        with open(path, errors="replace") as f:
+            tail = f.readlines()[-lines:]
+    except OSError:
+        return f"no log at {path}"
+    return f"{path} ends with:\n" + "".join(tail)
 
 
 def leftover(url):
