@@ -111,8 +111,31 @@ class _NotReady(Exception):
         self.exit_code = exit_code
 
 
+def _callback_from_file(target):
+    """fedora-messaging's _callback_from_filesystem (its consume --callback-file)."""
+    file_path, callable_name = target.strip().rsplit(":", 1)
+    namespace = {}
+    try:
+        with open(file_path, "rb") as fd:
+            code = fd.read()
+    except OSError as e:
+        raise _NotReady("An IOError occurred: %s" % e)
+    try:
+        exec(compile(code, file_path, "exec"), namespace)
+    except Exception as e:
+        raise _NotReady("The %s file raised the following exception: %s" % (file_path, e))
+    try:
+        return namespace[callable_name]
+    except KeyError:
+        raise _NotReady(
+            "The '%s' object was not found in the '%s' file." % (callable_name, file_path)
+        )
+
+
 def _load_callback(target):
     """fedora-messaging's _callback_from_python_path and api._check_callback."""
+    if target.strip().rsplit(":", 1)[0].endswith(".py"):
+        return _check_callback(_callback_from_file(target), target)
     try:
         module_name, attribute = target.strip().split(":")
     except ValueError:
@@ -135,6 +158,11 @@ def _load_callback(target):
             "Unable to import %s (%s); is the package installed? The python path should be in "
             'the format "my_package.module:callable_object"' % (target, e)
         )
+    return _check_callback(callback, target)
+
+
+def _check_callback(callback, target):
+    """fedora-messaging's api._check_callback: a class is instantiated once."""
     if inspect.isclass(callback):
         try:
             callback = callback()

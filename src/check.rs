@@ -181,7 +181,19 @@ async fn check_python(target: &str, interpreter: &str, report: &mut Report) {
             return;
         }
     };
-    let module = target.split_once(':').map_or(target, |(m, _)| m);
+    let module = target.rsplit_once(':').map_or(target, |(m, _)| m);
+    if module.ends_with(".py") {
+        // --callback-file: the file is executed at start, not imported.
+        if std::path::Path::new(module).is_file() {
+            report.ok(format!("callback: python file {module} exists"));
+        } else {
+            report.fail(
+                code::FAILURE,
+                format!("callback: python {target}: {module} is not a file"),
+            );
+        }
+        return;
+    }
     let probe = "import importlib.util, sys\n\
                  for name in sys.argv[1:]:\n\
                  \x20   try:\n\

@@ -81,6 +81,10 @@ pub struct ConsumeArgs {
     /// The callback: "package.module:attr" (Python), or a path ending in .so (a plugin).
     #[arg(long, value_name = "CALLBACK")]
     pub callback: Option<String>,
+    /// A Python callback in a file, "path/to/file.py:callable" (fedora-messaging's flag; the
+    /// file is executed, not imported). Takes precedence over --callback.
+    #[arg(long, value_name = "FILE:CALLABLE")]
+    pub callback_file: Option<String>,
     #[command(flatten)]
     pub options: ConsumeOptions,
 }
@@ -93,8 +97,24 @@ impl ConsumeArgs {
             queue_name: self.options.queue_name.clone(),
             routing_keys: self.options.routing_keys.clone(),
             exchange: self.options.exchange.clone(),
-            callback: self.callback.clone(),
+            callback: self
+                .callback_file
+                .as_deref()
+                .map(absolute_callback_file)
+                .or_else(|| self.callback.clone()),
         }
+    }
+}
+
+/// `file.py:callable` with the file made absolute, so the shim finds it whatever its working
+/// folder.
+fn absolute_callback_file(spec: &str) -> String {
+    match spec.rsplit_once(':') {
+        Some((file, callable)) => match std::path::absolute(file) {
+            Ok(path) => format!("{}:{callable}", path.display()),
+            Err(_) => spec.to_owned(),
+        },
+        None => spec.to_owned(),
     }
 }
 

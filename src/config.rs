@@ -208,7 +208,7 @@ impl Default for LogConfig {
 pub struct CallbackConfig {
     /// `None`: no callback configured (`consume` then needs `--callback`).
     pub kind: Option<CallbackKind>,
-    /// How many messages are handled at once per queue (fm); fedora-messaging's is 1.
+    /// How many messages are handled at once, across all queues (fm); fedora-messaging handles one per queue.
     pub concurrency: usize,
     /// Per-message time limit for command and Python callbacks (fm).
     pub timeout: Option<Duration>,
@@ -571,7 +571,9 @@ fn check_python_target(s: &str) -> anyhow::Result<()> {
         chars.next().is_some_and(|c| c == '_' || c.is_alphabetic())
             && chars.all(|c| c == '_' || c.is_alphanumeric())
     }
-    let ok = match s.split_once(':') {
+    let ok = match s.rsplit_once(':') {
+        // fedora-messaging's --callback-file form: a Python file and a name in it.
+        Some((file, attr)) if file.ends_with(".py") => identifier(attr),
         Some((module, attr)) => module.split('.').all(identifier) && identifier(attr),
         None => false,
     };
@@ -580,7 +582,8 @@ fn check_python_target(s: &str) -> anyhow::Result<()> {
     } else {
         Err(anyhow!(
             "python callback '{s}' must look like 'package.module:attribute' (Python \
-             identifiers separated by dots, one colon, one attribute name)"
+             identifiers separated by dots, one colon, one attribute name) or \
+             'path/to/file.py:attribute'"
         ))
     }
 }

@@ -81,10 +81,12 @@ fn config(
     out: &Path,
 ) -> String {
     let callback = match runner {
+        _ if is_callback_file(target) => String::new(),
         Runner::Fm => String::new(),
         Runner::FedoraMessaging => format!("callback = \"{target}\"\n"),
     };
     let table = match runner {
+        _ if is_callback_file(target) => String::new(),
         Runner::Fm => format!(
             "\n[callback]\npython = \"{target}\"\ninterpreter = \"{}\"\n",
             interpreter.display()
@@ -181,10 +183,20 @@ async fn run(
             cmd
         }
     };
-    cmd.arg("--conf")
-        .arg(&conf)
-        .arg("consume")
-        .current_dir(dir.path())
+    cmd.arg("--conf").arg(&conf).arg("consume");
+    if is_callback_file(target) {
+        // fedora-messaging's --callback-file; fm's [callback] interpreter has no flag, so
+        // fm runs the file with the venv's python found first on PATH.
+        cmd.arg("--callback-file").arg(target).env(
+            "PATH",
+            format!(
+                "{}:{}",
+                interpreter.parent().unwrap().display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        );
+    }
+    cmd.current_dir(dir.path())
         .env("PYTHONPATH", fixture(""))
         .env_remove("FEDORA_MESSAGING_CONF")
         .stdin(Stdio::null())
@@ -263,6 +275,13 @@ async fn collect(mut pipe: impl tokio::io::AsyncRead + Unpin, into: Arc<Mutex<Ve
     }
 }
 
+/// `path/file.py:name`: a callback given with `--callback-file`.
+fn is_callback_file(target: &str) -> bool {
+    target
+        .rsplit_once(':')
+        .is_some_and(|(f, _)| f.ends_with(".py"))
+}
+
 /// Runs the batch under fm, then the same batch under fedora-messaging, and checks that both
 /// did the same; returns fm's run.
 async fn compare(b: &Broker, s: &Setup, target: &str, batch: &[Msg], settle: usize) -> Run {
@@ -316,6 +335,19 @@ async fn fedora_messaging_example_printer_prints_what_fedora_messaging_consume_p
         "{}",
         fm.stdout
     );
+    s.cleanup(&b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_callback_file_runs_as_with_fedora_messagings_callback_file_flag() {
+    let Some(b) = util::broker() else { return };
+    let s = Setup::new(&b, "py-file").await;
+    let batch = [msg("one", json!({"n": 1})), msg("two", json!({"n": 2}))];
+    let target = format!("{}:ConfigReader", fixture("fm_test_callbacks.py").display());
+    let fm = compare(&b, &s, &target, &batch, 2).await;
+    assert_eq!(fm.code, Some(0));
+    assert_eq!(fm.calls.len(), 2);
+    assert_eq!(fm.calls[1]["body"], json!({"n": 2}));
     s.cleanup(&b).await;
 }
 
