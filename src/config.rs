@@ -2052,11 +2052,16 @@ mod tests {
             "a:b:c",
             "1pkg:a",
             "pkg-x:a",
-            "path/f.py:obj",
+            "path/f.py:a.b",
         ] {
             let msg = format!("{:#}", parse_callback_string(bad).unwrap_err());
             assert_contains(&msg, &[&format!("python callback '{bad}' must look like")]);
         }
+        // fedora-messaging's --callback-file form: a Python file and a name in it.
+        assert!(matches!(
+            parse_callback_string("/srv/cb/f.py:obj").unwrap(),
+            CallbackKind::Python { target, .. } if target == "/srv/cb/f.py:obj"
+        ));
         assert_contains(
             &error("callback = \"my_module\""),
             &["line 1, column 12", "callback 'my_module' is neither"],
