@@ -11,7 +11,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Value, json};
 
-use crate::util::{self, Broker, Fm, field_table};
+use crate::util::{self, Broker, Fm, FmProcess, field_table};
 
 fn recorder() -> PathBuf {
     util::build_c_plugin(&util::repo_root().join("tests/fixtures/plugins/recorder.c"))
@@ -43,6 +43,14 @@ out = "{out}"
         plugin = recorder().display(),
         out = out.display(),
     )
+}
+
+/// fm consuming with the config `toml`, once its consumer is registered with the broker.
+async fn consuming(toml: &str) -> FmProcess {
+    let mut proc = Fm::new().config_toml(toml).arg("consume").spawn();
+    proc.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
+    proc
 }
 
 /// A file for the recorder's lines, in a folder that outlives the fm run.
@@ -146,14 +154,8 @@ async fn a_message_reaches_the_plugin_with_every_field_and_is_acked() {
 async fn nack_requeues_and_the_message_comes_back_redelivered() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("nack");
-    let fm = Fm::new();
     let (_keep, out) = out_file();
-    let mut proc = fm
-        .config_toml(&config(&broker, &queue, &out, ""))
-        .arg("consume")
-        .spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    let proc = consuming(&config(&broker, &queue, &out, "")).await;
     let id = broker
         .publish_fedora("amq.topic", &format!("{queue}.nack"), &json!({}))
         .await;
@@ -173,7 +175,6 @@ async fn drop_rejects_the_message_to_the_dead_letter_exchange() {
     let queue = util::unique("drop");
     let dlq = format!("{queue}.dead");
     broker.declare_queue(&dlq).await;
-    let fm = Fm::new();
     let (_keep, out) = out_file();
     // The queue dead-letters through the default exchange straight into `dlq`.
     let cfg = config(&broker, &queue, &out, "").replace(
@@ -182,9 +183,7 @@ async fn drop_rejects_the_message_to_the_dead_letter_exchange() {
             "arguments = {{\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"}}\n\n[[bindings]]"
         ),
     );
-    let mut proc = fm.config_toml(&cfg).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    let proc = consuming(&cfg).await;
     let id = broker
         .publish_fedora("amq.topic", &format!("{queue}.drop"), &json!({"x": 1}))
         .await;
@@ -204,14 +203,8 @@ async fn halt_exits_with_its_code_and_acks_or_requeues() {
     let Some(broker) = util::broker() else { return };
     for (word, left) in [("halt7", 0), ("halt7r", 1)] {
         let queue = util::unique(word);
-        let fm = Fm::new();
         let (_keep, out) = out_file();
-        let mut proc = fm
-            .config_toml(&config(&broker, &queue, &out, ""))
-            .arg("consume")
-            .spawn();
-        proc.wait_for_stderr("Successfully registered AMQP consumer")
-            .await;
+        let proc = consuming(&config(&broker, &queue, &out, "")).await;
         broker
             .publish_fedora("amq.topic", &format!("{queue}.{word}"), &json!({}))
             .await;
@@ -269,14 +262,8 @@ async fn a_failing_callback_returns_every_prefetched_message_and_exits_13() {
 async fn invalid_messages_are_dropped_and_consuming_goes_on() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("invalid");
-    let fm = Fm::new();
     let (_keep, out) = out_file();
-    let mut proc = fm
-        .config_toml(&config(&broker, &queue, &out, ""))
-        .arg("consume")
-        .spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    let proc = consuming(&config(&broker, &queue, &out, "")).await;
     let rk = format!("{queue}.ack");
     let props = || lapin::BasicProperties::default().with_message_id("bad-1".into());
     broker.publish("amq.topic", &rk, b"not json", props()).await;
@@ -339,14 +326,8 @@ async fn passive_declares_need_the_queue_to_exist() {
     );
 
     broker.declare_queue(&queue).await;
-    let fm = Fm::new();
     let (_keep, out) = out_file();
-    let mut proc = fm
-        .config_toml(&config(&broker, &queue, &out, "passive_declares = true"))
-        .arg("consume")
-        .spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    let proc = consuming(&config(&broker, &queue, &out, "passive_declares = true")).await;
     broker
         .publish_fedora("amq.topic", &format!("{queue}.ack"), &json!({}))
         .await;
@@ -434,14 +415,11 @@ async fn a_plugin_that_cannot_load_exits_1() {
 async fn a_callback_twice_as_long_as_the_heartbeat_keeps_the_connection() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("heartbeat");
-    let fm = Fm::new();
     let (_keep, out) = out_file();
     // A 2 s heartbeat: the broker closes a connection that is silent for ~4 s.
     let url = format!("{}?heartbeat=2", broker.url());
     let cfg = config(&broker, &queue, &out, "").replace(broker.url(), &url);
-    let mut proc = fm.config_toml(&cfg).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    let mut proc = consuming(&cfg).await;
     broker
         .publish_fedora("amq.topic", &format!("{queue}.slow5"), &json!({}))
         .await;
@@ -468,14 +446,8 @@ async fn a_callback_twice_as_long_as_the_heartbeat_keeps_the_connection() {
 async fn sigterm_during_a_slow_callback_acks_it_and_exits_0() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("sigterm");
-    let fm = Fm::new();
     let (_keep, out) = out_file();
-    let mut proc = fm
-        .config_toml(&config(&broker, &queue, &out, ""))
-        .arg("consume")
-        .spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    let mut proc = consuming(&config(&broker, &queue, &out, "")).await;
     broker
         .publish_fedora("amq.topic", &format!("{queue}.slow2"), &json!({}))
         .await;
@@ -507,15 +479,12 @@ async fn sigterm_during_a_slow_callback_acks_it_and_exits_0() {
 async fn declare_time_arguments_pass_through_for_quorum_queues() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("quorum");
-    let fm = Fm::new();
     let (_keep, out) = out_file();
     let cfg = config(&broker, &queue, &out, "").replace(
         "arguments = {}\n\n[[bindings]]",
         "arguments = {\"x-queue-type\" = \"quorum\"}\n\n[[bindings]]",
     );
-    let mut proc = fm.config_toml(&cfg).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    let proc = consuming(&cfg).await;
     broker
         .publish_fedora("amq.topic", &format!("{queue}.ack"), &json!({}))
         .await;

@@ -54,6 +54,14 @@ out = "{out}"
     )
 }
 
+/// fm consuming with the config `toml`, once its consumer is registered with the broker.
+async fn consuming(toml: &str) -> FmProcess {
+    let mut proc = Fm::new().config_toml(toml).arg("consume").spawn();
+    proc.wait_for_stderr("Successfully registered AMQP consumer")
+        .await;
+    proc
+}
+
 fn out_file() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temporary folder");
     let out = dir.path().join("out.jsonl");
@@ -301,12 +309,7 @@ async fn a_callback_blocking_past_the_heartbeat_timeout_keeps_the_connection() {
     let (_keep, out) = out_file();
     // Heartbeat 1 s: the broker gives up on a silent connection after about 2 s.
     let url = format!("{}?heartbeat=1", broker.url());
-    let mut proc = Fm::new()
-        .config_toml(&config(&url, &queue, &out, "", ""))
-        .arg("consume")
-        .spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    let proc = consuming(&config(&url, &queue, &out, "", "")).await;
     let slow = publish_many(broker.url(), &format!("{queue}.slow4"), 1, &json!({})).await;
     let fast = publish_many(broker.url(), &format!("{queue}.ack"), 5, &json!({})).await;
     wait_all_handled(&proc, &out, &fast, Duration::from_secs(60)).await;
@@ -336,9 +339,7 @@ async fn a_poison_message_is_dropped_after_max_redeliveries_and_bad_messages_nev
     let dlx =
         format!("\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"");
     let cfg = config(broker.url(), &queue, &out, "max_redeliveries = 3", &dlx);
-    let mut proc = Fm::new().config_toml(&cfg).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    let proc = consuming(&cfg).await;
 
     let poison = publish_many(broker.url(), &format!("{queue}.poison"), 1, &json!({})).await;
     // Bad messages of every kind, straight to the queue.
@@ -453,9 +454,7 @@ async fn a_cluster_node_stopping_moves_fm_to_another_node() {
         &format!("amqp_url = \"{}\"", nodes[0].url()),
         &format!("amqp_url = [{}]", urls.join(", ")),
     );
-    let mut proc = Fm::new().config_toml(&cfg).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    let proc = consuming(&cfg).await;
     let ids = publish_many(nodes[1].url(), &format!("{queue}.ack"), 2000, &json!({})).await;
     while handled(&out).len() < 200 {
         tokio::time::sleep(Duration::from_millis(20)).await;
