@@ -4,6 +4,12 @@
 //! Python callback run through the bundled shim) answers with an [`Outcome`], which the consume
 //! loop maps onto the broker exactly as fedora-messaging maps a Python callback's result.
 
+pub mod abi;
+pub mod exec;
+pub mod plugin;
+pub mod python;
+pub mod worker;
+
 /// What a callback decided about one message.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
@@ -25,12 +31,6 @@ pub enum Outcome {
     /// fm exits 13 (fedora-messaging's "any other exception").
     Fail(String),
 }
-
-pub mod abi;
-pub mod exec;
-pub mod plugin;
-pub mod python;
-pub mod worker;
 
 use std::sync::Arc;
 
