@@ -286,9 +286,12 @@ def publish_runs(url, n_fast, n_slow, venv, rounds, results):
         "fedora-messaging-publish", common_toml(url, "fedora-messaging bench")
     )
     cases = [
-        ("pub-baseline", "bare lapin publisher with confirms (baseline)", n_fast,
+        ("pub-baseline", "bare lapin publisher with confirms, window 1000 (baseline)", n_fast,
          [TOOL, "publish", url, n_fast, 1000]),
-        ("pub-fm", "fm publish FILE", n_fast, [FM, "--config", conf, "publish", files[n_fast]]),
+        ("pub-baseline-all", "bare lapin publisher, no window (all in flight at once)", n_fast,
+         [TOOL, "publish", url, n_fast, n_fast]),
+        ("pub-fm", "fm publish FILE (window 1000)", n_fast,
+         [FM, "--config", conf, "publish", files[n_fast]]),
         ("pub-fedora-messaging", "fedora-messaging publish FILE", n_slow,
          [os.path.join(venv, "bin", "fedora-messaging"), "--conf", fedora_conf, "publish",
           files[n_slow]]),
@@ -517,7 +520,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--url", required=True)
     p.add_argument("--venv", required=True)
-    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--fast", type=int, default=20000, help="messages for fast consumers")
     p.add_argument("--mid", type=int, default=5000, help="messages for the Python shim")
     p.add_argument("--slow", type=int, default=2000,

@@ -40,6 +40,7 @@ import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
 import traceback  # noqa: E402
+import types  # noqa: E402
 
 _log = logging.getLogger("fm_shim")
 
@@ -215,14 +216,59 @@ class _Invalid(Exception):
     """The message does not pass its schema class's validation."""
 
 
+def _cache_validators(module):
+    """Make ``module`` (fedora_messaging.message) check each schema once, not per message.
+
+    ``jsonschema.validate`` checks the schema itself against its metaschema on every call: in
+    fedora-messaging 3.9 with jsonschema 4 that is 0.4 ms of the 0.45 ms ``get_message`` takes.
+    Message schemas are class attributes that do not change, so the module gets a
+    ``jsonschema`` whose ``validate`` keeps one validator per schema (checked once, rebuilt if
+    the schema was changed in place) and raises the same errors. The callback's own
+    ``jsonschema`` is left alone.
+    """
+    try:
+        import jsonschema
+        from jsonschema import exceptions, validators
+    except ImportError:
+        return
+    original = jsonschema.validate
+    cache = {}
+
+    def validate(instance, schema, cls=None, *args, **kwargs):
+        if cls is not None or args or kwargs:
+            return original(instance, schema, cls, *args, **kwargs)
+        entry = cache.get(id(schema))
+        if entry is None or entry[1] != schema:
+            try:
+                snapshot = copy.deepcopy(schema)
+            except Exception:
+                return original(instance, schema)
+            kind = validators.validator_for(schema)
+            kind.check_schema(schema)
+            if len(cache) >= 256:
+                cache.clear()
+            # The schema itself is kept too, so its id cannot be reused by another object.
+            entry = cache[id(schema)] = (schema, snapshot, kind(schema))
+        error = exceptions.best_match(entry[2].iter_errors(instance))
+        if error is not None:
+            raise error
+
+    proxy = types.ModuleType(jsonschema.__name__)
+    proxy.__dict__.update(jsonschema.__dict__)
+    proxy.validate = validate
+    module.jsonschema = proxy
+
+
 def _message_builder():
     """A function turning a record line's object into the message a callback receives."""
     try:
         import pika
         from fedora_messaging import exceptions
+        from fedora_messaging import message as message_module
         from fedora_messaging.message import get_message
     except ImportError:
         return PlainMessage
+    _cache_validators(message_module)
 
     def build(record):
         # Rebuild the AMQP properties the message came with, and let fedora-messaging decode it

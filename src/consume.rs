@@ -226,15 +226,24 @@ async fn session(ctx: &Arc<Context>, connected: &Connected, permits: &Arc<Semaph
     let tracker = TaskTracker::new();
     let mut loops = tokio::task::JoinSet::new();
     for (channel, consumer, queue) in &consumers {
-        loops.spawn(consume_loop(
-            consumer.clone(),
-            channel.clone(),
-            Arc::from(queue.name.as_str()),
-            Arc::clone(ctx),
-            Arc::clone(permits),
-            stop.clone(),
-            tracker.clone(),
-        ));
+        let run = || {
+            consume_loop(
+                consumer.clone(),
+                channel.clone(),
+                Arc::from(queue.name.as_str()),
+                Arc::clone(ctx),
+                Arc::clone(permits),
+                stop.clone(),
+                tracker.clone(),
+            )
+        };
+        if ctx.handler.blocks() {
+            for _ in 0..ctx.config.callback.concurrency.max(1) {
+                loops.spawn(on_own_thread(run(), stop.clone()));
+            }
+        } else {
+            loops.spawn(run());
+        }
     }
     // systemd's watchdog is fed only while this tick finds these consumers healthy.
     let probed = consumers
@@ -284,9 +293,12 @@ async fn drain(
         }
     }
     let timeout = ctx.config.shutdown_timeout;
-    if !tracker.is_empty() {
+    // Callbacks running, not tracker.len(): a consume thread (see `on_own_thread`) counts in the
+    // tracker until it sees the stop, even when idle.
+    let running = Stats::get(&ctx.stats.in_flight);
+    if running > 0 {
         tracing::info!(
-            in_flight = tracker.len(),
+            in_flight = running,
             "waiting up to {:.0} s for in-flight messages",
             timeout.as_secs_f64()
         );
@@ -375,6 +387,23 @@ fn classify(err: anyhow::Error) -> End {
     }
 }
 
+/// Run a consume loop on a thread of its own, for a callback that blocks ([`Handler::blocks`]):
+/// each delivery is then handled right where it arrived, with no hand-off to another thread and
+/// back. The thread is a blocking-pool one, so it has the runtime's context. A stop does not
+/// wait for the message in progress: the thread holds a tracker token while it works, so
+/// [`drain`] waits for it, up to `shutdown_timeout`, as for the tasks of the async path.
+async fn on_own_thread(
+    run: impl Future<Output = LoopEnd> + Send + 'static,
+    stop: CancellationToken,
+) -> LoopEnd {
+    let thread = tokio::task::spawn_blocking(move || futures_lite::future::block_on(run));
+    tokio::select! {
+        biased;
+        end = thread => end.unwrap_or_else(|e| LoopEnd::Fatal(anyhow!("a consumer thread failed: {e}"))),
+        _ = stop.cancelled() => LoopEnd::Stopped,
+    }
+}
+
 async fn consume_loop(
     mut consumer: Consumer,
     channel: Channel,
@@ -384,27 +413,52 @@ async fn consume_loop(
     stop: CancellationToken,
     tracker: TaskTracker,
 ) -> LoopEnd {
+    // On a thread of its own (`on_own_thread`), the loop handles each delivery itself.
+    let here = ctx.handler.blocks();
     loop {
-        // Take a concurrency slot before taking a delivery, so that with concurrency 1 the
-        // next message is only looked at once the previous one is done (fedora-messaging's
-        // strictly serial processing).
-        let permit = tokio::select! {
-            biased;
-            _ = stop.cancelled() => return LoopEnd::Stopped,
-            p = Arc::clone(&permits).acquire_owned() => p.expect("the semaphore is never closed"),
-        };
+        // Wait for a delivery first, then for a concurrency slot: a loop waiting on an idle
+        // queue must not hold a slot the other queues' messages need. The delivery is already
+        // prefetched (unacked) either way; one taken but never handled because of a stop goes
+        // back to the queue when the channel closes. With concurrency 1, the next message is
+        // still only handled once the previous one is done (fedora-messaging's serial
+        // processing).
         let next = tokio::select! {
             biased;
             _ = stop.cancelled() => return LoopEnd::Stopped,
             d = consumer.next() => d,
         };
+        // The thread's work counts as in flight from before it waits for a slot, so that a stop
+        // racing with a delivery never closes the channel under a message being handled.
+        let _working = here.then(|| tracker.token());
+        let permit = if matches!(next, Some(Ok(_))) {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return LoopEnd::Stopped,
+                p = Arc::clone(&permits).acquire_owned() => Some(p.expect("the semaphore is never closed")),
+            }
+        } else {
+            None
+        };
         match next {
+            Some(Ok(delivery)) if here => {
+                handle_delivery(
+                    delivery,
+                    channel.clone(),
+                    Arc::clone(&queue),
+                    Arc::clone(&ctx),
+                    permit.expect("a slot is taken for every delivery"),
+                    true,
+                )
+                .await;
+            }
             Some(Ok(delivery)) => {
                 tracker.spawn(handle_delivery(
                     delivery,
+                    channel.clone(),
                     Arc::clone(&queue),
                     Arc::clone(&ctx),
-                    permit,
+                    permit.expect("a slot is taken for every delivery"),
+                    false,
                 ));
             }
             Some(Err(err)) => return lost_or_fatal(errors::describe(err), &queue),
@@ -434,11 +488,15 @@ fn lost_or_fatal(err: anyhow::Error, queue: &str) -> LoopEnd {
     }
 }
 
+/// Decode, call the callback, settle. `here`: the callback blocks and this runs on a thread of
+/// its own (`on_own_thread`), so it is called right here.
 async fn handle_delivery(
     delivery: Delivery,
+    channel: Channel,
     queue: Arc<str>,
     ctx: Arc<Context>,
     permit: OwnedSemaphorePermit,
+    here: bool,
 ) {
     let span = tracing::info_span!(
         "message",
@@ -456,7 +514,7 @@ async fn handle_delivery(
             Err(invalid) => {
                 tracing::warn!("{invalid}; dropping it");
                 ctx.stats.count(&queue, Counter::Invalid);
-                settle(&delivery, Settle::Nack { requeue: false }).await;
+                settle(&channel, &delivery, Settle::Nack { requeue: false }).await;
                 return;
             }
         };
@@ -473,7 +531,7 @@ async fn handle_delivery(
                      max_redeliveries = {max}: dropping it (dead-lettered if queue '{queue}' \
                      has a dead-letter exchange)"
                 );
-                settle(&delivery, Settle::Nack { requeue: false }).await;
+                settle(&channel, &delivery, Settle::Nack { requeue: false }).await;
                 ctx.stats.count(&queue, Counter::Dropped);
                 ctx.redeliveries.forget(received.message.id.as_deref());
                 return;
@@ -485,7 +543,11 @@ async fn handle_delivery(
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let received_id = received.message.id.clone();
         let started = Instant::now();
-        let outcome = ctx.handler.handle(received).await;
+        let outcome = if here {
+            ctx.handler.handle_here(received)
+        } else {
+            ctx.handler.handle(received).await
+        };
         ctx.stats.observe_callback(&queue, started.elapsed());
         ctx.stats
             .in_flight
@@ -493,7 +555,7 @@ async fn handle_delivery(
         match outcome {
             Outcome::Ack => {
                 ctx.redeliveries.forget(received_id.as_deref());
-                settle(&delivery, Settle::Ack).await;
+                settle(&channel, &delivery, Settle::Ack).await;
                 ctx.stats.count(&queue, Counter::Processed);
                 tracing::info!(
                     "Successfully consumed message from topic {topic} (message id {id})"
@@ -501,13 +563,13 @@ async fn handle_delivery(
             }
             Outcome::Nack => {
                 tracing::info!("Returning message id {id} to the queue");
-                settle(&delivery, Settle::Nack { requeue: true }).await;
+                settle(&channel, &delivery, Settle::Nack { requeue: true }).await;
                 ctx.stats.count(&queue, Counter::Rejected);
             }
             Outcome::Drop => {
                 ctx.redeliveries.forget(received_id.as_deref());
                 tracing::info!("Consumer requested message id {id} be dropped");
-                settle(&delivery, Settle::Nack { requeue: false }).await;
+                settle(&channel, &delivery, Settle::Nack { requeue: false }).await;
                 ctx.stats.count(&queue, Counter::Dropped);
             }
             Outcome::Halt {
@@ -516,10 +578,10 @@ async fn handle_delivery(
                 reason,
             } => {
                 if requeue {
-                    settle(&delivery, Settle::Nack { requeue: true }).await;
+                    settle(&channel, &delivery, Settle::Nack { requeue: true }).await;
                     ctx.stats.count(&queue, Counter::Rejected);
                 } else {
-                    settle(&delivery, Settle::Ack).await;
+                    settle(&channel, &delivery, Settle::Ack).await;
                     ctx.stats.count(&queue, Counter::Processed);
                 }
                 let code = halt_code(exit_code);
@@ -536,7 +598,7 @@ async fn handle_delivery(
             }
             Outcome::Fail(err) => {
                 tracing::error!("the callback failed on message {id} (topic {topic}): {err}");
-                settle(&delivery, Settle::Nack { requeue: true }).await;
+                settle(&channel, &delivery, Settle::Nack { requeue: true }).await;
                 ctx.stats.count(&queue, Counter::Failed);
                 ctx.shutdown.trigger(
                     code::CALLBACK_FAILED,
@@ -568,16 +630,23 @@ enum Settle {
 }
 
 /// Ack or nack. A failure means the channel is gone: the broker delivers the message again.
-async fn settle(delivery: &Delivery, how: Settle) {
+///
+/// Sent on the delivery's channel directly rather than through `delivery.acker`, which takes a
+/// detour through lapin's internal RPC task (a wake-up of a runtime thread, and a task spawned,
+/// for every message); the frame and the outcome are the same.
+async fn settle(channel: &Channel, delivery: &Delivery, how: Settle) {
+    let tag = delivery.delivery_tag;
     let result = match how {
-        Settle::Ack => delivery.acker.ack(BasicAckOptions::default()).await,
+        Settle::Ack => channel.basic_ack(tag, BasicAckOptions::default()).await,
         Settle::Nack { requeue } => {
-            delivery
-                .acker
-                .nack(BasicNackOptions {
-                    requeue,
-                    multiple: false,
-                })
+            channel
+                .basic_nack(
+                    tag,
+                    BasicNackOptions {
+                        requeue,
+                        multiple: false,
+                    },
+                )
                 .await
         }
     };

@@ -48,7 +48,14 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let code = runtime.block_on(dispatch(cli))?;
+    // Run as a task, on the runtime's worker threads, not on this thread under `block_on`:
+    // every wake-up of a future driven by `block_on` is a thread hand-off (a futex wake of
+    // this thread), which cost `fm publish` one per message (scripts/bench).
+    let code = runtime.block_on(async {
+        tokio::spawn(dispatch(cli))
+            .await
+            .unwrap_or_else(|e| Err(anyhow::anyhow!("fm failed: {e}")))
+    })?;
     // Plugins and workers may still hold blocking threads (abandoned at shutdown_timeout):
     // do not wait for them.
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));

@@ -137,6 +137,26 @@ impl Handler {
         }
     }
 
+    /// Whether this callback blocks the thread it runs on (a native plugin). The consume loop
+    /// then gives each concurrency slot a thread of its own and calls [`Handler::handle_here`]
+    /// on it: handing every message to a blocking-pool thread and back cost two thread wake-ups
+    /// per message, half of fm's CPU time with a no-op plugin (BENCHMARKS.md).
+    pub fn blocks(&self) -> bool {
+        matches!(self, Handler::Plugin(_))
+    }
+
+    /// Hand one message to the callback on the calling thread, which must be one of fm's own
+    /// threads, never one of the async runtime's (see [`Handler::blocks`]).
+    pub fn handle_here(&self, msg: Arc<Received>) -> Outcome {
+        match self {
+            Handler::Plugin(p) => {
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.handle(&msg)))
+                    .unwrap_or_else(|_| Outcome::Fail("the plugin call failed: it panicked".into()))
+            }
+            _ => futures_lite::future::block_on(self.handle(msg)),
+        }
+    }
+
     /// Hand one message to the callback. Never runs the callback on the async runtime's
     /// threads, so heartbeats and other deliveries keep flowing.
     pub async fn handle(&self, msg: Arc<Received>) -> Outcome {

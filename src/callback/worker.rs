@@ -590,8 +590,10 @@ impl Worker {
         line.extend_from_slice(msg.record.as_bytes());
         line.push(b'\n');
         // Anything already waiting on its output was not asked for: a banner printed on stdout,
-        // a second answer to the last message. The stream is out of step.
-        if let Ok(ready) = tokio::time::timeout(Duration::ZERO, self.output.fill_buf()).await {
+        // a second answer to the last message. The stream is out of step. Polled once, not
+        // under a zero timeout: a timer only fires on the runtime's next millisecond tick, which
+        // cost every message a millisecond (scripts/bench: 800 → 7,000 messages/s).
+        if let Some(ready) = futures_lite::future::poll_once(self.output.fill_buf()).await {
             return Err(match ready {
                 Ok([]) => "closed its output".into(),
                 Ok(early) => format!(

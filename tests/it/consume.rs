@@ -509,3 +509,37 @@ async fn declare_time_arguments_pass_through_for_quorum_queues() {
     );
     broker.delete_queue(&queue).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_queue_does_not_starve_the_others_at_concurrency_1() {
+    let Some(broker) = util::broker() else { return };
+    let idle = util::unique("idle");
+    let busy = util::unique("busy");
+    let (_keep, out) = out_file();
+    let queue_table = |name: &str| {
+        format!(
+            "[queues.\"{name}\"]\ndurable = true\nauto_delete = false\nexclusive = false\narguments = {{}}\n\
+             [[bindings]]\nqueue = \"{name}\"\nexchange = \"amq.topic\"\nrouting_keys = [\"{name}.#\"]\n"
+        )
+    };
+    let cfg = format!(
+        "amqp_url = \"{}\"\ncallback = \"{}\"\n{}{}[consumer_config]\nout = \"{}\"\n",
+        broker.url(),
+        recorder().display(),
+        queue_table(&idle),
+        queue_table(&busy),
+        out.display()
+    );
+    let proc = consuming(&cfg).await;
+    for _ in 0..3 {
+        broker
+            .publish_fedora("amq.topic", &format!("{busy}.ack"), &json!({}))
+            .await;
+    }
+    let lines = wait_for_lines(&proc, &out, 3).await;
+    assert!(lines.iter().all(|l| l["queue"] == busy.as_str()));
+    proc.kill("TERM");
+    proc.wait().await.assert_code(0);
+    broker.delete_queue(&idle).await;
+    broker.delete_queue(&busy).await;
+}

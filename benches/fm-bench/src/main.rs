@@ -36,8 +36,9 @@
 //!
 //! Messages are fedora-messaging's: a 200-byte JSON object body written with Python's separators,
 //! `content_type = application/json`, `content_encoding = utf-8`, `delivery_mode = 2`, a UUID4
-//! `message_id`, and the headers `fedora_messaging_schema`, `sent-at`,
-//! `fedora_messaging_severity` and `priority`.
+//! `message_id`, and the headers `fedora_messaging_schema`, `fedora_messaging_schema_package`,
+//! `sent-at`, `fedora_messaging_severity` and `priority` (fedora-messaging 3.9's for its base
+//! message class).
 
 use std::collections::VecDeque;
 use std::io::Write as _;
@@ -191,6 +192,10 @@ fn properties() -> BasicProperties {
         AMQPValue::LongString(LongString::from("base.message")),
     );
     headers.insert(
+        ShortString::from("fedora_messaging_schema_package"),
+        AMQPValue::LongString(LongString::from("fedora_messaging")),
+    );
+    headers.insert(
         ShortString::from("sent-at"),
         AMQPValue::LongString(LongString::from(SENT_AT)),
     );
@@ -303,7 +308,9 @@ async fn fill(url: &str, queue: &str, count: u64) -> Result<()> {
     publish_many(&channel, FILL_KEY, count, FILL_WINDOW).await?;
     let (ready, consumers) = depth(&channel, queue).await?;
     if u64::from(ready) != count {
-        return Err(format!("queue {queue} holds {ready} messages after the fill, not {count}").into());
+        return Err(
+            format!("queue {queue} holds {ready} messages after the fill, not {count}").into(),
+        );
     }
     emit(json!({"filled": count, "consumers": consumers, "secs": t0.elapsed().as_secs_f64()}));
     conn.close(200, "done".into()).await?;
@@ -356,7 +363,11 @@ async fn watch(url: &str, queue: &str, count: u32, timeout_s: f64) -> Result<()>
     };
     let (t_first, left) = first.expect("ready went from count to 0, so below count once");
     let secs = end.duration_since(t_first).as_secs_f64();
-    let rate = if secs > 0.0 { f64::from(left) / secs } else { 0.0 };
+    let rate = if secs > 0.0 {
+        f64::from(left) / secs
+    } else {
+        0.0
+    };
     emit(json!({
         "t_first": t_first.duration_since(origin).as_secs_f64(),
         "t_empty": end.duration_since(origin).as_secs_f64(),
@@ -379,11 +390,13 @@ fn record_file(count: u64, path: &str) -> Result<()> {
         writeln!(
             out,
             "{{\"body\": {body}, \"headers\": {{\"fedora_messaging_schema\": \"base.message\", \
+             \"fedora_messaging_schema_package\": \"fedora_messaging\", \
              \"fedora_messaging_severity\": 20, \"priority\": 0, \"sent-at\": \"{SENT_AT}\"}}, \
              \"id\": \"{id}\", \"priority\": 0, \"queue\": null, \"topic\": \"{PUBLISH_KEY}\"}}"
         )?;
     }
     out.flush()?;
+    emit(json!({"written": count, "path": path}));
     Ok(())
 }
 
@@ -443,7 +456,10 @@ mod tests {
         for line in lines {
             let v: Value = serde_json::from_str(line).unwrap();
             let keys: Vec<&String> = v.as_object().unwrap().keys().collect();
-            assert_eq!(keys, ["body", "headers", "id", "priority", "queue", "topic"]);
+            assert_eq!(
+                keys,
+                ["body", "headers", "id", "priority", "queue", "topic"]
+            );
             assert_eq!(v["headers"]["fedora_messaging_severity"], 20);
             assert_eq!(v["topic"], PUBLISH_KEY);
             assert!(v["body"].is_object());
