@@ -4,61 +4,14 @@
 //! The callback is `tests/fixtures/plugins/recorder.c`, built with `cc` at test time: it writes
 //! one JSON line per message and answers according to the topic's last word.
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Value, json};
 
-use crate::util::{self, Broker, Fm, FmProcess, field_table};
-
-fn recorder() -> PathBuf {
-    util::build_c_plugin(&util::repo_root().join("tests/fixtures/plugins/recorder.c"))
-}
-
-/// A config consuming the durable queue `queue`, bound to `amq.topic` with `queue.#`, through
-/// the recorder plugin writing to `out`.
-fn config(broker: &Broker, queue: &str, out: &std::path::Path, extra: &str) -> String {
-    format!(
-        r#"
-amqp_url = "{url}"
-callback = "{plugin}"
-{extra}
-[queues."{queue}"]
-durable = true
-auto_delete = false
-exclusive = false
-arguments = {{}}
-
-[[bindings]]
-queue = "{queue}"
-exchange = "amq.topic"
-routing_keys = ["{queue}.#"]
-
-[consumer_config]
-out = "{out}"
-"#,
-        url = broker.url(),
-        plugin = recorder().display(),
-        out = out.display(),
-    )
-}
-
-/// fm consuming with the config `toml`, once its consumer is registered with the broker.
-async fn consuming(toml: &str) -> FmProcess {
-    let mut proc = Fm::new().config_toml(toml).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
-    proc
-}
-
-/// A file for the recorder's lines, in a folder that outlives the fm run.
-fn out_file() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temporary folder");
-    let out = dir.path().join("out.jsonl");
-    (dir, out)
-}
+use crate::recorder::{Extra, config, consuming, out_file};
+use crate::util::{self, Fm, field_table};
 
 /// The lines the recorder wrote so far.
 fn recorded(out: &std::path::Path) -> Vec<Value> {
@@ -93,7 +46,7 @@ async fn a_message_reaches_the_plugin_with_every_field_and_is_acked() {
     let fm = Fm::new();
     let (_keep, out) = out_file();
     let fm = fm
-        .config_toml(&config(&broker, &queue, &out, ""))
+        .config_toml(&config(broker.url(), &queue, &out, Extra::default()))
         .arg("consume");
     let mut proc = fm.spawn();
     proc.wait_for_stderr("Successfully registered AMQP consumer")
@@ -155,7 +108,7 @@ async fn nack_requeues_and_the_message_comes_back_redelivered() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("nack");
     let (_keep, out) = out_file();
-    let proc = consuming(&config(&broker, &queue, &out, "")).await;
+    let proc = consuming(&config(broker.url(), &queue, &out, Extra::default())).await;
     let id = broker
         .publish_fedora("amq.topic", &format!("{queue}.nack"), &json!({}))
         .await;
@@ -177,11 +130,16 @@ async fn drop_rejects_the_message_to_the_dead_letter_exchange() {
     broker.declare_queue(&dlq).await;
     let (_keep, out) = out_file();
     // The queue dead-letters through the default exchange straight into `dlq`.
-    let cfg = config(&broker, &queue, &out, "").replace(
-        "arguments = {}\n\n[[bindings]]",
-        &format!(
-            "arguments = {{\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"}}\n\n[[bindings]]"
-        ),
+    let args =
+        format!("\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"");
+    let cfg = config(
+        broker.url(),
+        &queue,
+        &out,
+        Extra {
+            queue_args: &args,
+            ..Extra::default()
+        },
     );
     let proc = consuming(&cfg).await;
     let id = broker
@@ -204,7 +162,7 @@ async fn halt_exits_with_its_code_and_acks_or_requeues() {
     for (word, left) in [("halt7", 0), ("halt7r", 1)] {
         let queue = util::unique(word);
         let (_keep, out) = out_file();
-        let proc = consuming(&config(&broker, &queue, &out, "")).await;
+        let proc = consuming(&config(broker.url(), &queue, &out, Extra::default())).await;
         broker
             .publish_fedora("amq.topic", &format!("{queue}.{word}"), &json!({}))
             .await;
@@ -235,7 +193,7 @@ async fn a_failing_callback_returns_every_prefetched_message_and_exits_13() {
     let fm = Fm::new();
     let (_keep, out) = out_file();
     let output = fm
-        .config_toml(&config(&broker, &queue, &out, ""))
+        .config_toml(&config(broker.url(), &queue, &out, Extra::default()))
         .arg("consume")
         .run()
         .await;
@@ -263,7 +221,7 @@ async fn invalid_messages_are_dropped_and_consuming_goes_on() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("invalid");
     let (_keep, out) = out_file();
-    let proc = consuming(&config(&broker, &queue, &out, "")).await;
+    let proc = consuming(&config(broker.url(), &queue, &out, Extra::default())).await;
     let rk = format!("{queue}.ack");
     let props = || lapin::BasicProperties::default().with_message_id("bad-1".into());
     broker.publish("amq.topic", &rk, b"not json", props()).await;
@@ -310,7 +268,15 @@ async fn passive_declares_need_the_queue_to_exist() {
     let queue = util::unique("passive");
     let fm = Fm::new();
     let (_keep, out) = out_file();
-    let cfg = config(&broker, &queue, &out, "passive_declares = true");
+    let cfg = config(
+        broker.url(),
+        &queue,
+        &out,
+        Extra {
+            top: "passive_declares = true",
+            ..Extra::default()
+        },
+    );
     let output = fm.config_toml(&cfg).arg("consume").run().await;
     output.assert_code(10);
     assert!(
@@ -327,7 +293,16 @@ async fn passive_declares_need_the_queue_to_exist() {
 
     broker.declare_queue(&queue).await;
     let (_keep, out) = out_file();
-    let proc = consuming(&config(&broker, &queue, &out, "passive_declares = true")).await;
+    let proc = consuming(&config(
+        broker.url(),
+        &queue,
+        &out,
+        Extra {
+            top: "passive_declares = true",
+            ..Extra::default()
+        },
+    ))
+    .await;
     broker
         .publish_fedora("amq.topic", &format!("{queue}.ack"), &json!({}))
         .await;
@@ -347,7 +322,7 @@ async fn a_server_named_queue_is_bound_and_consumed() {
     let cfg = format!(
         "amqp_url = \"{}\"\ncallback = \"{}\"\n[[bindings]]\nexchange = \"amq.topic\"\nrouting_keys = [\"{prefix}.#\"]\n[consumer_config]\nout = \"{}\"\n",
         broker.url(),
-        recorder().display(),
+        crate::recorder::plugin().display(),
         out.display()
     );
     let mut proc = fm.config_toml(&cfg).arg("consume").spawn();
@@ -418,7 +393,7 @@ async fn a_callback_twice_as_long_as_the_heartbeat_keeps_the_connection() {
     let (_keep, out) = out_file();
     // A 2 s heartbeat: the broker closes a connection that is silent for ~4 s.
     let url = format!("{}?heartbeat=2", broker.url());
-    let cfg = config(&broker, &queue, &out, "").replace(broker.url(), &url);
+    let cfg = config(broker.url(), &queue, &out, Extra::default()).replace(broker.url(), &url);
     let mut proc = consuming(&cfg).await;
     broker
         .publish_fedora("amq.topic", &format!("{queue}.slow5"), &json!({}))
@@ -447,7 +422,7 @@ async fn sigterm_during_a_slow_callback_acks_it_and_exits_0() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("sigterm");
     let (_keep, out) = out_file();
-    let mut proc = consuming(&config(&broker, &queue, &out, "")).await;
+    let mut proc = consuming(&config(broker.url(), &queue, &out, Extra::default())).await;
     broker
         .publish_fedora("amq.topic", &format!("{queue}.slow2"), &json!({}))
         .await;
@@ -480,9 +455,14 @@ async fn declare_time_arguments_pass_through_for_quorum_queues() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("quorum");
     let (_keep, out) = out_file();
-    let cfg = config(&broker, &queue, &out, "").replace(
-        "arguments = {}\n\n[[bindings]]",
-        "arguments = {\"x-queue-type\" = \"quorum\"}\n\n[[bindings]]",
+    let cfg = config(
+        broker.url(),
+        &queue,
+        &out,
+        Extra {
+            queue_args: "\"x-queue-type\" = \"quorum\"",
+            ..Extra::default()
+        },
     );
     let proc = consuming(&cfg).await;
     broker
@@ -525,7 +505,7 @@ async fn an_idle_queue_does_not_starve_the_others_at_concurrency_1() {
     let cfg = format!(
         "amqp_url = \"{}\"\ncallback = \"{}\"\n{}{}[consumer_config]\nout = \"{}\"\n",
         broker.url(),
-        recorder().display(),
+        crate::recorder::plugin().display(),
         queue_table(&idle),
         queue_table(&busy),
         out.display()

@@ -8,65 +8,15 @@
 //! closing every connection) run on a node of their own, so the other tests are not touched.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 
+use crate::recorder::{Extra, config, consuming, out_file};
 use crate::util::{self, Fm, FmProcess};
-
-fn recorder() -> PathBuf {
-    util::build_c_plugin(&util::repo_root().join("tests/fixtures/plugins/recorder.c"))
-}
-
-/// fm's config: durable `queue` bound to amq.topic with `queue.#`, recorder writing to `out`;
-/// `callback` holds extra keys for the `[callback]` table (concurrency, max_redeliveries…).
-fn config(url: &str, queue: &str, out: &Path, callback: &str, queue_args: &str) -> String {
-    format!(
-        r#"
-amqp_url = "{url}"
-
-[callback]
-plugin = "{plugin}"
-{callback}
-
-[queues."{queue}"]
-durable = true
-auto_delete = false
-exclusive = false
-arguments = {{{queue_args}}}
-
-[[bindings]]
-queue = "{queue}"
-exchange = "amq.topic"
-routing_keys = ["{queue}.#"]
-
-[qos]
-prefetch_count = 50
-
-[consumer_config]
-out = "{out}"
-"#,
-        plugin = recorder().display(),
-        out = out.display(),
-    )
-}
-
-/// fm consuming with the config `toml`, once its consumer is registered with the broker.
-async fn consuming(toml: &str) -> FmProcess {
-    let mut proc = Fm::new().config_toml(toml).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
-    proc
-}
-
-fn out_file() -> (tempfile::TempDir, PathBuf) {
-    let dir = tempfile::tempdir().expect("temporary folder");
-    let out = dir.path().join("out.jsonl");
-    (dir, out)
-}
 
 /// How many times each message id was handled.
 fn handled(out: &Path) -> HashMap<String, usize> {
@@ -163,7 +113,15 @@ async fn a_broker_restart_in_the_middle_of_5000_messages_loses_nothing() {
     let node = broker.extra_node("restart");
     let queue = util::unique("restart");
     let (_keep, out) = out_file();
-    let fm = Fm::new().config_toml(&config(node.url(), &queue, &out, "", ""));
+    let fm = Fm::new().config_toml(&config(
+        node.url(),
+        &queue,
+        &out,
+        Extra {
+            prefetch: 50,
+            ..Extra::default()
+        },
+    ));
     let mut proc = fm.arg("consume").spawn();
     proc.wait_for_stderr("Successfully registered AMQP consumer")
         .await;
@@ -200,7 +158,15 @@ async fn connections_closed_by_the_broker_three_times_in_a_row() {
     let node = broker.extra_node("closeall");
     let queue = util::unique("closeall");
     let (_keep, out) = out_file();
-    let fm = Fm::new().config_toml(&config(node.url(), &queue, &out, "", ""));
+    let fm = Fm::new().config_toml(&config(
+        node.url(),
+        &queue,
+        &out,
+        Extra {
+            prefetch: 50,
+            ..Extra::default()
+        },
+    ));
     let mut proc = fm.arg("consume").spawn();
     proc.wait_for_stderr("Successfully registered AMQP consumer")
         .await;
@@ -236,7 +202,15 @@ async fn sigkill_mid_stream_then_a_restart_handles_everything() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("sigkill");
     let (_keep, out) = out_file();
-    let cfg = config(broker.url(), &queue, &out, "", "");
+    let cfg = config(
+        broker.url(),
+        &queue,
+        &out,
+        Extra {
+            prefetch: 50,
+            ..Extra::default()
+        },
+    );
     let mut first = Fm::new().config_toml(&cfg).arg("consume").spawn();
     first
         .wait_for_stderr("Successfully registered AMQP consumer")
@@ -264,7 +238,16 @@ async fn sigterm_with_8_slow_callbacks_in_flight_finishes_and_acks_them() {
     let Some(broker) = util::broker() else { return };
     let queue = util::unique("drain8");
     let (_keep, out) = out_file();
-    let cfg = config(broker.url(), &queue, &out, "concurrency = 8", "");
+    let cfg = config(
+        broker.url(),
+        &queue,
+        &out,
+        Extra {
+            callback: "concurrency = 8",
+            prefetch: 50,
+            ..Extra::default()
+        },
+    );
     let ids = {
         broker.declare_queue(&queue).await;
         broker
@@ -309,7 +292,16 @@ async fn a_callback_blocking_past_the_heartbeat_timeout_keeps_the_connection() {
     let (_keep, out) = out_file();
     // Heartbeat 1 s: the broker gives up on a silent connection after about 2 s.
     let url = format!("{}?heartbeat=1", broker.url());
-    let proc = consuming(&config(&url, &queue, &out, "", "")).await;
+    let proc = consuming(&config(
+        &url,
+        &queue,
+        &out,
+        Extra {
+            prefetch: 50,
+            ..Extra::default()
+        },
+    ))
+    .await;
     let slow = publish_many(broker.url(), &format!("{queue}.slow4"), 1, &json!({})).await;
     let fast = publish_many(broker.url(), &format!("{queue}.ack"), 5, &json!({})).await;
     wait_all_handled(&proc, &out, &fast, Duration::from_secs(60)).await;
@@ -338,7 +330,17 @@ async fn a_poison_message_is_dropped_after_max_redeliveries_and_bad_messages_nev
     let (_keep, out) = out_file();
     let dlx =
         format!("\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"");
-    let cfg = config(broker.url(), &queue, &out, "max_redeliveries = 3", &dlx);
+    let cfg = config(
+        broker.url(),
+        &queue,
+        &out,
+        Extra {
+            callback: "max_redeliveries = 3",
+            queue_args: &dlx,
+            prefetch: 50,
+            ..Extra::default()
+        },
+    );
     let proc = consuming(&cfg).await;
 
     let poison = publish_many(broker.url(), &format!("{queue}.poison"), 1, &json!({})).await;
@@ -395,11 +397,27 @@ async fn two_fm_processes_share_one_queue() {
     let (_keep, out) = out_file();
     let (_keep_b, out_b) = out_file();
     let mut a = Fm::new()
-        .config_toml(&config(broker.url(), &queue, &out, "", ""))
+        .config_toml(&config(
+            broker.url(),
+            &queue,
+            &out,
+            Extra {
+                prefetch: 50,
+                ..Extra::default()
+            },
+        ))
         .arg("consume")
         .spawn();
     let mut b = Fm::new()
-        .config_toml(&config(broker.url(), &queue, &out_b, "", ""))
+        .config_toml(&config(
+            broker.url(),
+            &queue,
+            &out_b,
+            Extra {
+                prefetch: 50,
+                ..Extra::default()
+            },
+        ))
         .arg("consume")
         .spawn();
     a.wait_for_stderr("Successfully registered AMQP consumer")
@@ -447,8 +465,11 @@ async fn a_cluster_node_stopping_moves_fm_to_another_node() {
         nodes[0].url(),
         &queue,
         &out,
-        "",
-        "\"x-queue-type\" = \"quorum\"",
+        Extra {
+            queue_args: "\"x-queue-type\" = \"quorum\"",
+            prefetch: 50,
+            ..Extra::default()
+        },
     )
     .replace(
         &format!("amqp_url = \"{}\"", nodes[0].url()),

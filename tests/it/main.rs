@@ -15,6 +15,7 @@ mod ops;
 mod publish;
 mod python;
 mod record;
+mod recorder;
 mod smoke;
 mod tls;
 mod worker;
