@@ -491,7 +491,7 @@ fn lost_or_fatal(err: anyhow::Error, queue: &str) -> LoopEnd {
 /// Decode, call the callback, settle. `here`: the callback blocks and this runs on a thread of
 /// its own (`on_own_thread`), so it is called right here.
 async fn handle_delivery(
-    delivery: Delivery,
+    mut delivery: Delivery,
     channel: Channel,
     queue: Arc<str>,
     ctx: Arc<Context>,
@@ -509,7 +509,7 @@ async fn handle_delivery(
             .map_or("<none>", |s| s.as_str()),
     );
     async move {
-        let received = match Received::from_delivery(&delivery, &queue) {
+        let received = match Received::from_delivery(&mut delivery, &queue) {
             Ok(r) => Arc::new(r),
             Err(invalid) => {
                 tracing::warn!("{invalid}; dropping it");

@@ -301,7 +301,9 @@ impl Received {
     /// headers, schema, severity or content encoding are logged and defaulted; a body that is
     /// not UTF-8, not JSON, or not a JSON object, or headers that fail the base schema, make
     /// the message invalid: the caller drops it (`nack` without requeue).
-    pub fn from_delivery(delivery: &Delivery, queue: &str) -> Result<Received, Invalid> {
+    ///
+    /// The body bytes are moved out of `delivery` (what is left of it is for acking).
+    pub fn from_delivery(delivery: &mut Delivery, queue: &str) -> Result<Received, Invalid> {
         let props = &delivery.properties;
         let id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
         let topic = delivery.routing_key.as_str();
@@ -353,7 +355,7 @@ impl Received {
             message,
             exchange: delivery.exchange.as_str().to_owned(),
             redelivered: delivery.redelivered,
-            raw_body: delivery.data.clone(),
+            raw_body: std::mem::take(&mut delivery.data),
             record,
         })
     }

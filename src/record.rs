@@ -235,7 +235,7 @@ mod tests {
                 )
                 .unwrap(),
             );
-        Arc::new(Received::from_delivery(&delivery, "q").unwrap())
+        Arc::new(Received::from_delivery(&mut delivery, "q").unwrap())
     }
 
     #[test]

@@ -10,7 +10,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::{Value, json};
 
-use crate::recorder::{Extra, config, consuming, out_file};
+use crate::recorder::{Extra, config, consuming, dead_letter_to, out_file};
 use crate::util::{self, Fm, field_table};
 
 /// The lines the recorder wrote so far.
@@ -130,8 +130,7 @@ async fn drop_rejects_the_message_to_the_dead_letter_exchange() {
     broker.declare_queue(&dlq).await;
     let (_keep, out) = out_file();
     // The queue dead-letters through the default exchange straight into `dlq`.
-    let args =
-        format!("\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"");
+    let args = dead_letter_to(&dlq);
     let cfg = config(
         broker.url(),
         &queue,

@@ -15,7 +15,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 
-use crate::recorder::{Extra, config, consuming, out_file};
+use crate::recorder::{Extra, config, consuming, dead_letter_to, out_file};
 use crate::util::{self, Fm, FmProcess};
 
 /// How many times each message id was handled.
@@ -328,8 +328,7 @@ async fn a_poison_message_is_dropped_after_max_redeliveries_and_bad_messages_nev
     let dlq = format!("{queue}.dead");
     broker.declare_queue(&dlq).await;
     let (_keep, out) = out_file();
-    let dlx =
-        format!("\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"");
+    let dlx = dead_letter_to(&dlq);
     let cfg = config(
         broker.url(),
         &queue,

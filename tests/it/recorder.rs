@@ -35,6 +35,12 @@ impl Default for Extra<'_> {
     }
 }
 
+/// Queue arguments (for [`Extra::queue_args`]) that dead-letter through the default exchange
+/// straight into the queue `dlq`.
+pub fn dead_letter_to(dlq: &str) -> String {
+    format!("\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"")
+}
+
 /// fm consuming the durable queue `queue`, bound to amq.topic with `queue.#`, through the
 /// recorder writing to `out`.
 pub fn config(url: &str, queue: &str, out: &Path, extra: Extra) -> String {
