@@ -1410,14 +1410,14 @@ mod tests {
 
     const FIXTURES: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/fedora-messaging"
+        "/tests/fixtures/fedora-messaging"
     );
 
     fn fixture(name: &str) -> PathBuf {
         let path = Path::new(FIXTURES).join(name);
         assert!(
             path.is_file(),
-            "fixture {} is missing: the shared folder must sit beside the repository",
+            "fixture {} is missing from the repository",
             path.display()
         );
         path

@@ -676,7 +676,7 @@ mod tests {
 
     const GOOD_DUMP: &str = include_str!(concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/fedora-messaging/good_msg_dump.txt"
+        "/tests/fixtures/fedora-messaging/good_msg_dump.txt"
     ));
 
     #[test]

@@ -1292,7 +1292,7 @@ mod tests {
 
     const FIXTURES: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../shared/fixtures/fedora-messaging"
+        "/tests/fixtures/fedora-messaging"
     );
 
     fn fixture(name: &str) -> Vec<u8> {

@@ -48,14 +48,14 @@ pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A file from fedora-messaging's own test fixtures (`../shared/fixtures/fedora-messaging/`).
+/// A file from fedora-messaging's own test fixtures (`tests/fixtures/fedora-messaging/`).
 pub fn fedora_fixture(name: &str) -> PathBuf {
     let path = repo_root()
-        .join("../shared/fixtures/fedora-messaging")
+        .join("tests/fixtures/fedora-messaging")
         .join(name);
     assert!(
         path.exists(),
-        "fixture {} is missing (shared/ must sit beside the repository)",
+        "fixture {} is missing from the repository",
         path.display()
     );
     path
