@@ -4,40 +4,14 @@
 //! The callback is `tests/fixtures/plugins/recorder.c`, built with `cc` at test time: it writes
 //! one JSON line per message and answers according to the topic's last word.
 
-use std::time::{Duration, Instant};
-
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
-use serde_json::{Value, json};
+use serde_json::json;
 
-use crate::recorder::{Extra, config, consuming, dead_letter_to, out_file};
+use crate::recorder::{
+    Extra, config, consuming, dead_letter_to, out_file, recorded, wait_for_lines,
+};
 use crate::util::{self, Fm, field_table};
-
-/// The lines the recorder wrote so far.
-fn recorded(out: &std::path::Path) -> Vec<Value> {
-    std::fs::read_to_string(out)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l}: {e}")))
-        .collect()
-}
-
-async fn wait_for_lines(proc: &util::FmProcess, out: &std::path::Path, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let lines = recorded(out);
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} lines recorded\n--- fm's stderr:\n{}",
-            lines.len(),
-            proc.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_reaches_the_plugin_with_every_field_and_is_acked() {
@@ -49,8 +23,7 @@ async fn a_message_reaches_the_plugin_with_every_field_and_is_acked() {
         .config_toml(&config(broker.url(), &queue, &out, Extra::default()))
         .arg("consume");
     let mut proc = fm.spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    proc.wait_consuming().await;
 
     let headers = field_table([
         (
@@ -382,7 +355,14 @@ async fn a_plugin_that_cannot_load_exits_1() {
     );
     let output = Fm::new().config_toml(&cfg).arg("consume").run().await;
     output.assert_code(1);
-    assert!(output.stderr.contains("abi"), "{}", output.stderr);
+    // fm's own words (the file name also says "abi": it proves nothing).
+    assert!(
+        output
+            .stderr
+            .contains("was built for plugin ABI 2, but this fm speaks ABI 1; "),
+        "{}",
+        output.stderr
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -39,8 +39,7 @@ async fn exit_0_acks_65_drops_and_75_requeues() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-status").await;
     let mut fm = s.fm(&exec_config(&s, &[], "", "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
 
     let ack = s.publish(&b, "ack", json!({"n": 1})).await;
     let drop = s.publish(&b, "drop", json!({"n": 2})).await;
@@ -66,8 +65,7 @@ async fn by_default_a_failing_command_requeues_and_exits_13() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-halt").await;
     let mut fm = s.fm(&exec_config(&s, &[], "", "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
     let id = s.publish(&b, "status", json!({})).await;
 
     let out = fm.wait().await;
@@ -93,8 +91,7 @@ async fn with_on_error_drop_other_statuses_and_signals_drop_the_message() {
     let mut fm = s
         .fm(&exec_config(&s, &[], "on_error = \"drop\"", ""))
         .spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
 
     let status = s.publish(&b, "status", json!({})).await;
     let signal = s.publish(&b, "signal", json!({})).await;
@@ -131,8 +128,7 @@ async fn with_on_error_requeue_a_failure_returns_the_message() {
     let mut fm = s
         .fm(&exec_config(&s, &[], "on_error = \"requeue\"", ""))
         .spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
 
     let id = s.publish(&b, "failonce", json!({})).await;
     wait_settled(&mut fm, 2).await;
@@ -152,8 +148,7 @@ async fn a_command_past_its_timeout_is_killed_with_its_children() {
     let s = Setup::new(&b, "exec-timeout").await;
     let config = exec_config(&s, &[], "timeout = 1\non_error = \"drop\"", "");
     let mut fm = s.fm(&config).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
 
     let started = Instant::now();
     let id = s.publish(&b, "hang", json!({})).await;
@@ -163,7 +158,8 @@ async fn a_command_past_its_timeout_is_killed_with_its_children() {
         took >= Duration::from_millis(900),
         "killed after {took:?}, before the timeout"
     );
-    assert!(took < Duration::from_secs(10), "killed only after {took:?}");
+    // No upper bound of our own: never killed, the program would run 300 s, and wait_settled
+    // gives up after util::TIMEOUT.
     assert!(fm.stderr().contains(&format!(
         "'exec.sh' did not finish within the 1.0 s timeout and was killed; dropping message {id}"
     )));
@@ -185,8 +181,7 @@ async fn a_command_that_never_reads_stdin_is_fine() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-ignore").await;
     let mut fm = s.fm(&exec_config(&s, &[], "", "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
 
     // Far more than a pipe holds: fm's write fails with EPIPE once the program exits.
     let ignored = s
@@ -214,8 +209,7 @@ async fn the_message_reaches_the_program_byte_for_byte_with_its_environment() {
     let args = ["$HOME;ls", "a b", "*", "'\"`id`\""];
     let config = exec_config(&s, &args, "", "[consumer_config]\nkey = \"välue\"");
     let mut fm = s.fm(&config).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
 
     let nasty = "$(touch pwned); `touch pwned2`; echo 'single' \"double\" | cat > /dev/null && \
                  rm -rf ./nothing ; ${HOME} * ? [a-z] ~ # ! \\ \t\n\r\u{1b} end";
@@ -269,8 +263,7 @@ async fn output_goes_to_the_log_line_by_line_tagged_with_the_message_id() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-talk").await;
     let mut fm = s.fm(&exec_config(&s, &[], "", "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
     let id = s.publish(&b, "talk", json!({})).await;
     wait_settled(&mut fm, 1).await;
     fm.kill("TERM");
@@ -477,11 +470,10 @@ pub(crate) fn settled(log: &str) -> usize {
 
 /// Waits until fm has settled `n` messages; panics after 30 s or if fm exits first.
 pub(crate) async fn wait_settled(fm: &mut FmProcess, n: usize) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
+    util::eventually(util::TIMEOUT, async || {
         let log = fm.stderr();
         if settled(&log) >= n {
-            return;
+            return Ok(());
         }
         if let Some(status) = fm.wait_timeout(Duration::from_millis(20)).await {
             panic!(
@@ -489,19 +481,18 @@ pub(crate) async fn wait_settled(fm: &mut FmProcess, n: usize) {
                 settled(&log)
             );
         }
-        assert!(
-            Instant::now() < deadline,
-            "fm settled only {} of {n} messages in 30 s:\n{log}",
+        Err(format!(
+            "fm settled only {} of {n} messages:\n{log}",
             settled(&log)
-        );
-    }
+        ))
+    })
+    .await
 }
 
 /// Panics unless process `pid` is gone: absent, or a zombie that is not fm's child (this
 /// machine's init may not reap orphans, but fm must reap its own children).
 pub(crate) async fn assert_gone(pid: u32, fm_pid: u32) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
+    util::eventually(util::TIMEOUT, async || {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
         // "pid (comm) S ppid ...": the state and parent follow the last ')'.
         let fields = stat.as_deref().and_then(|s| {
@@ -510,13 +501,12 @@ pub(crate) async fn assert_gone(pid: u32, fm_pid: u32) {
             Some((it.next()?.to_owned(), it.next()?.parse::<u32>().ok()?))
         });
         match fields {
-            None => return,
-            Some((state, ppid)) if state == "Z" && ppid != fm_pid => return,
-            Some((state, ppid)) => assert!(
-                Instant::now() < deadline,
+            None => Ok(()),
+            Some((state, ppid)) if state == "Z" && ppid != fm_pid => Ok(()),
+            Some((state, ppid)) => Err(format!(
                 "process {pid} is still there (state {state}, parent {ppid}, fm is {fm_pid})"
-            ),
+            )),
         }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await
 }

@@ -10,8 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
+use crate::recorder;
 use crate::util::{self, Broker, Fm};
 
 /// A URL nothing listens on: a loopback port that was just free (never another address).
@@ -53,26 +52,6 @@ out = "{out}"
     )
 }
 
-async fn recorded(out: &Path, n: usize) -> Vec<Value> {
-    let deadline = Instant::now() + util::TIMEOUT;
-    loop {
-        let lines: Vec<Value> = std::fs::read_to_string(out)
-            .unwrap_or_default()
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("recorder lines are JSON"))
-            .collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of {n} messages recorded",
-            lines.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// `[dead, live]` in the configuration: fm connects on every run, whichever URL it draws
 /// first. Runs until both orders were seen (the chance of never seeing one in 20 runs is 2^-19).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -88,8 +67,7 @@ async fn a_dead_broker_in_the_list_is_skipped_every_time() {
             .config_toml(&config(&[dead.clone(), b.url().to_owned()], &queue, &out))
             .arg("consume")
             .spawn();
-        proc.wait_for_stderr("Successfully registered AMQP consumer")
-            .await;
+        proc.wait_consuming().await;
         let stderr = proc.stderr();
         if stderr.contains("cannot connect") {
             assert!(
@@ -173,8 +151,7 @@ async fn a_consumer_moves_to_the_next_broker_when_its_broker_stops() {
         .config_toml(&config(&urls, &queue, &out))
         .arg("consume")
         .spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    proc.wait_consuming().await;
 
     let shown = |n: &Broker| n.url().replace("guest:guest@", "guest:***@");
     let stderr = proc.stderr();
@@ -193,25 +170,15 @@ async fn a_consumer_moves_to_the_next_broker_when_its_broker_stops() {
         &serde_json::json!({"n": 1}),
     )
     .await;
-    assert_eq!(recorded(&out, 1).await[0]["body"]["n"], 1);
+    assert_eq!(
+        recorder::wait_for_lines(&proc, &out, 1).await[0]["body"]["n"],
+        1
+    );
 
     live.stop_node().await;
     proc.wait_for_stderr(&format!("connected broker={}", shown(other)))
         .await;
-    let deadline = Instant::now() + util::TIMEOUT;
-    while proc
-        .stderr()
-        .matches("Successfully registered AMQP consumer")
-        .count()
-        < 2
-    {
-        assert!(
-            Instant::now() < deadline,
-            "fm did not consume again:\n{}",
-            proc.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    proc.wait_for_stderr_count(util::CONSUMING, 2).await;
     assert!(
         other.queue_exists(&queue).await,
         "fm declared its queue on the new broker"
@@ -223,7 +190,10 @@ async fn a_consumer_moves_to_the_next_broker_when_its_broker_stops() {
             &serde_json::json!({"n": 2}),
         )
         .await;
-    assert_eq!(recorded(&out, 2).await[1]["body"]["n"], 2);
+    assert_eq!(
+        recorder::wait_for_lines(&proc, &out, 2).await[1]["body"]["n"],
+        2
+    );
 
     proc.kill("TERM");
     proc.wait().await.assert_code(0);
@@ -242,8 +212,7 @@ async fn the_urls_heartbeat_is_negotiated() {
     let config =
         config(&[url], &queue, &out) + &format!("\n[client_properties]\napp = \"{app}\"\n");
     let mut proc = fm.config_toml(&config).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    proc.wait_consuming().await;
     let listed = b
         .rabbitmqctl(&["-q", "list_connections", "timeout", "client_properties"])
         .await;

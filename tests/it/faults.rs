@@ -9,7 +9,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
@@ -34,21 +34,30 @@ fn handled(out: &Path) -> HashMap<String, usize> {
 
 /// Waits until every id in `ids` was handled, showing fm's log if it takes too long.
 async fn wait_all_handled(proc: &FmProcess, out: &Path, ids: &BTreeSet<String>, within: Duration) {
-    let deadline = Instant::now() + within;
-    loop {
+    util::eventually(within, async || {
         let seen = handled(out);
-        let missing = ids.iter().filter(|id| !seen.contains_key(*id)).count();
-        if missing == 0 {
-            return;
+        match ids.iter().filter(|id| !seen.contains_key(*id)).count() {
+            0 => Ok(()),
+            missing => Err(format!(
+                "{missing} of {} messages never handled\n--- fm's stderr (tail):\n{}",
+                ids.len(),
+                tail(&proc.stderr(), 40)
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "{missing} of {} messages never handled\n--- fm's stderr (tail):\n{}",
-            ids.len(),
+    })
+    .await
+}
+
+/// Waits until fm handled at least `n` distinct messages.
+async fn wait_handled_at_least(proc: &FmProcess, out: &Path, n: usize, within: Duration) {
+    util::eventually(within, async || match handled(out).len() {
+        got if got >= n => Ok(()),
+        got => Err(format!(
+            "only {got} of {n} messages handled\n--- fm's stderr (tail):\n{}",
             tail(&proc.stderr(), 40)
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+        )),
+    })
+    .await
 }
 
 fn tail(text: &str, lines: usize) -> String {
@@ -123,20 +132,11 @@ async fn a_broker_restart_in_the_middle_of_5000_messages_loses_nothing() {
         },
     ));
     let mut proc = fm.arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    proc.wait_consuming().await;
     let ids = publish_many(node.url(), &format!("{queue}.ack"), 5000, &json!({"n": 1})).await;
 
     // Restart once fm is part-way through.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while handled(&out).len() < 500 {
-        assert!(
-            Instant::now() < deadline,
-            "fm is not consuming:\n{}",
-            proc.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_handled_at_least(&proc, &out, 500, Duration::from_secs(60)).await;
     node.stop_node().await;
     node.start_node().await;
 
@@ -168,27 +168,13 @@ async fn connections_closed_by_the_broker_three_times_in_a_row() {
         },
     ));
     let mut proc = fm.arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    proc.wait_consuming().await;
     let ids = publish_many(node.url(), &format!("{queue}.ack"), 300, &json!({})).await;
     for round in 1..=3 {
         node.rabbitmqctl(&["close_all_connections", &format!("fault injection {round}")])
             .await;
         // Wait for fm to come back before the next blow.
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while proc
-            .stderr()
-            .matches("Successfully registered AMQP consumer")
-            .count()
-            < round + 1
-        {
-            assert!(
-                Instant::now() < deadline,
-                "fm did not reconnect:\n{}",
-                proc.stderr()
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        proc.wait_for_stderr_count(util::CONSUMING, round + 1).await;
     }
     wait_all_handled(&proc, &out, &ids, Duration::from_secs(60)).await;
     assert_consuming(&proc, node.url(), &queue, &out).await;
@@ -212,21 +198,15 @@ async fn sigkill_mid_stream_then_a_restart_handles_everything() {
         },
     );
     let mut first = Fm::new().config_toml(&cfg).arg("consume").spawn();
-    first
-        .wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    first.wait_consuming().await;
     let ids = publish_many(broker.url(), &format!("{queue}.ack"), 2000, &json!({})).await;
-    while handled(&out).len() < 200 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    wait_handled_at_least(&first, &out, 200, Duration::from_secs(60)).await;
     first.kill("KILL");
     first.wait_timeout(Duration::from_secs(10)).await;
 
     let mut second = Fm::new().config_toml(&cfg).arg("consume").spawn();
     wait_all_handled(&second, &out, &ids, Duration::from_secs(120)).await;
-    second
-        .wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    second.wait_consuming().await;
     broker.wait_for_depth(&queue, 0).await;
     second.kill("TERM");
     second.wait().await.assert_code(0);
@@ -257,15 +237,7 @@ async fn sigterm_with_8_slow_callbacks_in_flight_finishes_and_acks_them() {
     };
     let proc = Fm::new().config_toml(&cfg).arg("consume").spawn();
     // Eight callbacks start at once (each records before sleeping).
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while handled(&out).len() < 8 {
-        assert!(
-            Instant::now() < deadline,
-            "not 8 in flight:\n{}",
-            proc.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_handled_at_least(&proc, &out, 8, Duration::from_secs(30)).await;
     proc.kill("TERM");
     let output = proc.wait().await;
     output.assert_code(0);
@@ -419,31 +391,24 @@ async fn two_fm_processes_share_one_queue() {
         ))
         .arg("consume")
         .spawn();
-    a.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
-    b.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    a.wait_consuming().await;
+    b.wait_consuming().await;
     let ids = publish_many(broker.url(), &format!("{queue}.ack"), 1000, &json!({})).await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    let (sa, sb) = util::eventually(Duration::from_secs(60), async || {
         let (sa, sb) = (handled(&out), handled(&out_b));
-        let all: BTreeSet<String> = sa.keys().chain(sb.keys()).cloned().collect();
-        if all.is_superset(&ids) {
-            assert!(
-                !sa.is_empty() && !sb.is_empty(),
-                "each handled some: {} and {}",
-                sa.len(),
-                sb.len()
-            );
-            break;
+        let all: BTreeSet<&String> = sa.keys().chain(sb.keys()).collect();
+        match ids.iter().filter(|id| !all.contains(id)).count() {
+            0 => Ok((sa, sb)),
+            missing => Err(format!("{missing} of 1000 never handled")),
         }
-        assert!(
-            Instant::now() < deadline,
-            "only {} of 1000 handled",
-            all.len()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
+    assert!(
+        !sa.is_empty() && !sb.is_empty(),
+        "each handled some: {} and {}",
+        sa.len(),
+        sb.len()
+    );
     broker.wait_for_depth(&queue, 0).await;
     a.kill("TERM");
     b.kill("TERM");
@@ -476,9 +441,7 @@ async fn a_cluster_node_stopping_moves_fm_to_another_node() {
     );
     let proc = consuming(&cfg).await;
     let ids = publish_many(nodes[1].url(), &format!("{queue}.ack"), 2000, &json!({})).await;
-    while handled(&out).len() < 200 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_handled_at_least(&proc, &out, 200, Duration::from_secs(60)).await;
     // Stop the node fm is connected to (it logs which).
     let connected = nodes
         .iter()

@@ -2,6 +2,7 @@
 //! area, all sharing the fixture in `util` (the test broker, the `fm` command builder).
 //! Run them with scripts/test, or `eval "$(scripts/broker start)"` then `cargo test`.
 
+mod proxy;
 mod util;
 
 // One line per area, sorted (cargo fmt --check reorders them otherwise).

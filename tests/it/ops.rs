@@ -27,9 +27,9 @@ use lapin::BasicProperties;
 use lapin::options::QueueDeclareOptions;
 use lapin::types::FieldTable;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::net::TcpStream;
 
+use crate::proxy::{Mode, Proxy};
 use crate::util::{self, Broker, Fm, FmProcess, TIMEOUT, fm_bin, plugin_path, repo_root};
 
 // ---------------------------------------------------------------------------------------------
@@ -93,22 +93,62 @@ impl NotifySocket {
         timeout: Duration,
         pred: impl Fn(&str) -> bool,
     ) -> Instant {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some((at, _)) = self
-                .all()
+        util::eventually(timeout, async || {
+            self.all()
                 .into_iter()
                 .find(|(at, m)| *at >= after && m.lines().any(&pred))
-            {
-                return at;
+                .map(|(at, _)| at)
+                .ok_or_else(|| format!("no {what}; notifications so far:\n{}", self.dump()))
+        })
+        .await
+    }
+
+    /// Waits until `count` datagrams with the line `line` arrived at or after `after`.
+    async fn wait_count(&self, line: &str, after: Instant, count: usize) {
+        util::eventually(TIMEOUT, async || {
+            match self.count(line, after, Instant::now()) {
+                n if n >= count => Ok(()),
+                n => Err(format!("{n} of {count} {line}\n{}", self.dump())),
             }
-            assert!(
-                Instant::now() < deadline,
-                "no {what} within {timeout:?}; notifications so far:\n{}",
-                self.dump()
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        })
+        .await
+    }
+
+    /// Waits until no `line` arrived for `quiet` in a row (fm stopped sending it); returns when
+    /// that quiet stretch began.
+    async fn wait_quiet(&self, line: &str, quiet: Duration) -> Instant {
+        let since = Instant::now();
+        util::eventually(TIMEOUT, async || {
+            let last = self
+                .all()
+                .into_iter()
+                .filter(|(_, m)| m.lines().any(|l| l == line))
+                .map(|(at, _)| at)
+                .max()
+                .map_or(since, |at| at.max(since));
+            if last.elapsed() >= quiet {
+                Ok(last)
+            } else {
+                Err(format!("{line} keeps coming\n{}", self.dump()))
+            }
+        })
+        .await
+    }
+
+    /// Returns once every datagram sent before this call has been read: a marker sent to the
+    /// socket now comes out of it after them.
+    async fn settle(&self) {
+        let marker = format!("FM_TEST_SETTLE={}", uuid::Uuid::new_v4());
+        std::os::unix::net::UnixDatagram::unbound()
+            .and_then(|s| s.send_to(marker.as_bytes(), &self.path))
+            .expect("sending to the notify socket");
+        util::eventually(TIMEOUT, async || {
+            match self.all().iter().any(|(_, m)| *m == marker) {
+                true => Ok(()),
+                false => Err("the marker sent to the notify socket did not come back"),
+            }
+        })
+        .await;
     }
 }
 
@@ -143,11 +183,7 @@ async fn ready_follows_registration_and_the_watchdog_is_fed_only_while_the_broke
     let queue = b.unique("notify");
     b.declare_queue(&queue).await;
     let proxy = Proxy::start(b.amqp_port()).await;
-    let url = b.url().replacen(
-        &format!(":{}/", b.amqp_port()),
-        &format!(":{}/", proxy.port),
-        1,
-    );
+    let url = proxy.url_for(b.url(), b.amqp_port());
     let notify = NotifySocket::bind();
     let config = format!(
         "amqp_url = \"{url}\"\ncallback = \"{}\"\n{}",
@@ -195,27 +231,20 @@ async fn ready_follows_registration_and_the_watchdog_is_fed_only_while_the_broke
         "the status names the queue and the broker, password hidden: {ready_msg:?}"
     );
 
-    // Healthy: a ping every half interval.
-    tokio::time::sleep(Duration::from_millis(2200)).await;
-    let pings = notify.count("WATCHDOG=1", ready, Instant::now());
-    assert!(pings >= 3, "{pings} pings in 2.2 s\n{}", notify.dump());
+    // Healthy: a ping every half interval (three of them, however slow the machine is).
+    notify.wait_count("WATCHDOG=1", ready, 3).await;
 
-    // The broker goes away: no ping at all once the last healthy check is old.
+    // The broker goes away: fm says so, and no ping comes for 3 s in a row (six intervals) once
+    // the last healthy check is old. A fm that kept pinging would never fall quiet.
     let down = Instant::now();
     proxy.set(Mode::Down);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let quiet = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        notify.count("WATCHDOG=1", quiet, Instant::now()),
-        0,
-        "pings while the broker was down\n{}",
-        notify.dump()
-    );
     notify
         .wait_for("a reconnecting status", down, TIMEOUT, |l| {
             l.starts_with("STATUS=connection lost, reconnecting to amqp://guest:***@")
         })
+        .await;
+    notify
+        .wait_quiet("WATCHDOG=1", Duration::from_secs(3))
         .await;
 
     // It comes back: fm reconnects and the pings resume.
@@ -234,15 +263,9 @@ async fn ready_follows_registration_and_the_watchdog_is_fed_only_while_the_broke
     // The broker hangs, the TCP connection stays open: the health check's round trip gets no
     // answer, so the pings stop again, although fm still thinks it is connected.
     proxy.set(Mode::Frozen);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let quiet = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(
-        notify.count("WATCHDOG=1", quiet, Instant::now()),
-        0,
-        "pings while the broker hung\n{}",
-        notify.dump()
-    );
+    notify
+        .wait_quiet("WATCHDOG=1", Duration::from_secs(3))
+        .await;
     let thawed = Instant::now();
     proxy.set(Mode::Forward);
     notify
@@ -262,7 +285,7 @@ async fn ready_follows_registration_and_the_watchdog_is_fed_only_while_the_broke
         .await;
     let out = fm.wait().await;
     out.assert_code(0);
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    notify.settle().await;
     assert_eq!(
         notify.count(
             "WATCHDOG=1",
@@ -298,7 +321,7 @@ async fn a_consumer_that_cannot_register_never_says_ready() {
         .run()
         .await;
     out.assert_code(10);
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    notify.settle().await;
     let all = notify.dump();
     assert!(
         all.contains("STATUS=connected to amqp://guest:***@"),
@@ -476,17 +499,14 @@ routing_keys = ["{topic}.#"]
     }
 
     // Wait for the consumer, then send: 3 to ack, 2 to drop, 1 to requeue once, 1 invalid.
-    let deadline = Instant::now() + TIMEOUT;
-    while !String::from_utf8_lossy(&http("GET", addr, "/ready").await.body)
-        .starts_with("{\"consuming\": true")
-    {
-        assert!(
-            Instant::now() < deadline,
-            "fm never said consuming: {}",
-            fm.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    util::eventually(TIMEOUT, async || {
+        let ready = http("GET", addr, "/ready").await;
+        match String::from_utf8_lossy(&ready.body).starts_with("{\"consuming\": true") {
+            true => Ok(()),
+            false => Err(format!("fm never said consuming: {}", fm.stderr())),
+        }
+    })
+    .await;
     for suffix in ["ack", "ack", "drop", "nack", "ack", "drop"] {
         b.publish_fedora(
             "amq.topic",
@@ -507,24 +527,22 @@ routing_keys = ["{topic}.#"]
     // /ready (as in fedora-messaging), only in fm_messages_invalid_total.
     let expected = "{\"consuming\": true, \"published\": 0, \"consumed\": {\"received\": 7, \
                     \"processed\": 4, \"dropped\": 2, \"rejected\": 1, \"failed\": 0}}\n";
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
+    util::eventually(TIMEOUT, async || {
         let metrics = String::from_utf8(http("GET", addr, "/metrics").await.body.to_vec()).unwrap();
         let ready = http("GET", addr, "/ready").await;
         let invalid = metrics.contains(&format!(
             "fm_messages_invalid_total{{queue=\"{queue}\"}} 1\n"
         ));
-        if ready.body == expected.as_bytes() && invalid {
-            break;
+        match ready.body == expected.as_bytes() && invalid {
+            true => Ok(()),
+            false => Err(format!(
+                "/ready is {:?}, expected {expected:?}\n{}",
+                String::from_utf8_lossy(&ready.body),
+                fm.stderr()
+            )),
         }
-        assert!(
-            Instant::now() < deadline,
-            "/ready is {:?}, expected {expected:?}\n{}",
-            String::from_utf8_lossy(&ready.body),
-            fm.stderr()
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    })
+    .await;
     let raw = raw_get(addr, "/ready").await;
     assert!(
         raw.contains("\r\nContent-Type: application/json \r\n"),
@@ -826,106 +844,6 @@ mod prometheus {
             }
         }
         Metrics { kinds, samples }
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// A loopback TCP forwarder that can play a broker that is down or hung.
-
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Mode {
-    /// Bytes flow both ways.
-    Forward,
-    /// Connections stay open, nothing flows (a broker that hangs).
-    Frozen,
-    /// Every connection is closed and new ones are refused (a broker that is down).
-    Down,
-}
-
-struct Proxy {
-    port: u16,
-    mode: watch::Sender<Mode>,
-}
-
-impl Proxy {
-    async fn start(target_port: u16) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
-        let (mode, _) = watch::channel(Mode::Forward);
-        let mut rx = mode.subscribe();
-        tokio::spawn(async move {
-            let mut listener = Some(listener);
-            loop {
-                let Some(l) = listener.as_ref() else {
-                    // Down: wait to be brought back, then listen on the same port again.
-                    if rx.changed().await.is_err() {
-                        return;
-                    }
-                    if *rx.borrow() != Mode::Down {
-                        listener = Some(
-                            TcpListener::bind(("127.0.0.1", port))
-                                .await
-                                .expect("listening again on the proxy's port"),
-                        );
-                    }
-                    continue;
-                };
-                tokio::select! {
-                    changed = rx.changed() => {
-                        if changed.is_err() { return; }
-                        if *rx.borrow() == Mode::Down { listener = None; }
-                    }
-                    accepted = l.accept() => {
-                        let Ok((client, _)) = accepted else { continue };
-                        let Ok(server) = TcpStream::connect(("127.0.0.1", target_port)).await else {
-                            continue;
-                        };
-                        let (cr, cw) = client.into_split();
-                        let (sr, sw) = server.into_split();
-                        tokio::spawn(pump(cr, sw, rx.clone()));
-                        tokio::spawn(pump(sr, cw, rx.clone()));
-                    }
-                }
-            }
-        });
-        Proxy { port, mode }
-    }
-
-    fn set(&self, mode: Mode) {
-        self.mode.send_replace(mode);
-    }
-}
-
-/// Copy one direction while the mode allows; return (closing both halves) when Down.
-async fn pump(
-    mut from: tokio::net::tcp::OwnedReadHalf,
-    mut to: tokio::net::tcp::OwnedWriteHalf,
-    mut mode: watch::Receiver<Mode>,
-) {
-    let mut buf = vec![0u8; 16384];
-    loop {
-        let n = tokio::select! {
-            r = from.read(&mut buf) => match r { Ok(0) | Err(_) => return, Ok(n) => n },
-            changed = mode.changed() => {
-                if changed.is_err() || *mode.borrow() == Mode::Down { return; }
-                continue;
-            }
-        };
-        loop {
-            let now = *mode.borrow_and_update();
-            match now {
-                Mode::Down => return,
-                Mode::Forward => break,
-                Mode::Frozen => {
-                    if mode.changed().await.is_err() {
-                        return;
-                    }
-                }
-            }
-        }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
-        }
     }
 }
 

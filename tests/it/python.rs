@@ -12,7 +12,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use lapin::types::{AMQPValue, LongString};
 use serde_json::{Value, json};
@@ -212,32 +212,28 @@ async fn run(
     ];
     let text =
         |buf: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status: ExitStatus = loop {
+    let status: ExitStatus = util::eventually(Duration::from_secs(60), async || {
         if let Ok(Some(status)) = child.try_wait() {
-            break status;
+            return Ok(status);
         }
-        if settled(&text(&stderr)) >= settle {
-            let pid = child.id().unwrap().to_string();
-            std::process::Command::new("kill")
-                .args(["-TERM", &pid])
-                .status()
-                .unwrap();
-            break tokio::time::timeout(Duration::from_secs(30), child.wait())
-                .await
-                .unwrap_or_else(|_| {
-                    panic!("{runner:?} did not stop on SIGTERM:\n{}", text(&stderr))
-                })
-                .unwrap();
+        if settled(&text(&stderr)) < settle {
+            return Err(format!(
+                "{runner:?} settled {} of {settle} messages:\n{}",
+                settled(&text(&stderr)),
+                text(&stderr)
+            ));
         }
-        assert!(
-            Instant::now() < deadline,
-            "{runner:?} settled {} of {settle} messages in 60 s:\n{}",
-            settled(&text(&stderr)),
-            text(&stderr)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
+        let pid = child.id().unwrap().to_string();
+        std::process::Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap();
+        Ok(tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .unwrap_or_else(|_| panic!("{runner:?} did not stop on SIGTERM:\n{}", text(&stderr)))
+            .unwrap())
+    })
+    .await;
     for reader in readers {
         let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
     }

@@ -3,13 +3,12 @@
 //! line is written.
 
 use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::json;
 
 use crate::publish::{Peer, exchange_and_queue, lines, queue_config, wait_for_lines};
-use crate::util::{Broker, Fm, broker, fm_bin};
+use crate::util::{Broker, Fm, broker};
 
 /// Messages that exercise the record format: non-ASCII kept as UTF-8, escapes, nested keys
 /// to sort, floats in Python's spelling, big integers, typed headers, priorities.
@@ -238,12 +237,8 @@ async fn record_takes_the_consume_overrides() {
     let queue = b.unique("overrides-q");
     // The file binds a server-named queue elsewhere; --queue-name, --exchange and
     // --routing-key point fm at the test's, and --app-name renames the connection.
-    let keep = tempfile::tempdir().unwrap();
-    let conf = keep.path().join("c.toml");
-    std::fs::write(
-        &conf,
-        format!(
-            r#"amqp_url = "{}"
+    let run = Fm::new().config_toml(&format!(
+        r#"amqp_url = "{}"
 
 [queues.""]
 durable = true
@@ -255,14 +250,11 @@ arguments = {{}}
 exchange = "amq.topic"
 routing_keys = ["fm.test.nothing"]
 "#,
-            b.url()
-        ),
-    )
-    .unwrap();
+        b.url()
+    ));
+    let keep = tempfile::tempdir().unwrap();
     let file = keep.path().join("rec.jsonl");
-    let mut cmd = tokio::process::Command::new(fm_bin());
-    cmd.arg("--conf")
-        .arg(&conf)
+    let mut fm = run
         .arg("record")
         .arg(&file)
         .args(["--queue-name", &queue, "--exchange", &exchange])
@@ -273,22 +265,10 @@ routing_keys = ["fm.test.nothing"]
             "my-recorder",
         ])
         .args(["--limit", "1"])
-        .env_remove("FEDORA_MESSAGING_CONF")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let child = cmd.spawn().unwrap();
-    // Once fm's queue exists and is bound, send one unwanted and one wanted message.
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while !b.queue_exists(&queue).await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "fm did not declare {queue}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(300)).await; // the binding follows the declare
+        .spawn();
+    // Once fm consumes, its queue is declared and bound: send one unwanted and one wanted message.
+    fm.wait_consuming().await;
+    assert!(b.queue_exists(&queue).await, "fm declared {queue}");
     let connections = b
         .rabbitmqctl(&["list_connections", "client_properties"])
         .await;
@@ -297,16 +277,7 @@ routing_keys = ["fm.test.nothing"]
         .await;
     b.publish_fedora(&exchange, "fm.test.wanted", &json!({"n": 1}))
         .await;
-    let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
-        .await
-        .expect("fm stops after --limit 1")
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    fm.wait().await.assert_code(0);
     let got = lines(&file);
     assert_eq!(got.len(), 1);
     assert!(

@@ -5,6 +5,8 @@
 
 use std::path::{Path, PathBuf};
 
+use serde_json::Value;
+
 use crate::util::{self, Fm, FmProcess};
 
 /// The built recorder plugin.
@@ -82,8 +84,7 @@ out = "{out}"
 /// fm consuming with the config `toml`, once its consumer is registered with the broker.
 pub async fn consuming(toml: &str) -> FmProcess {
     let mut proc = Fm::new().config_toml(toml).arg("consume").spawn();
-    proc.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    proc.wait_consuming().await;
     proc
 }
 
@@ -92,4 +93,29 @@ pub fn out_file() -> (tempfile::TempDir, PathBuf) {
     let dir = tempfile::tempdir().expect("temporary folder");
     let out = dir.path().join("out.jsonl");
     (dir, out)
+}
+
+/// The lines the recorder wrote to `out` so far.
+pub fn recorded(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad line {l}: {e}")))
+        .collect()
+}
+
+/// The recorder's lines once there are at least `n`; after [`util::TIMEOUT`] the test fails,
+/// showing `proc`'s log.
+pub async fn wait_for_lines(proc: &FmProcess, out: &Path, n: usize) -> Vec<Value> {
+    util::eventually(util::TIMEOUT, async || {
+        let lines = recorded(out);
+        match lines.len() {
+            got if got >= n => Ok(lines),
+            got => Err(format!(
+                "only {got} of {n} lines recorded\n--- fm's stderr:\n{}",
+                proc.stderr()
+            )),
+        }
+    })
+    .await
 }

@@ -2,8 +2,6 @@
 //! with client certificates (SASL EXTERNAL as `fm-client`), refuses the bad certificates the
 //! negative tests rely on, and keeps durable messages across a node restart.
 
-use std::time::Duration;
-
 use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable};
 
@@ -194,11 +192,13 @@ async fn a_node_restart_keeps_durable_messages() {
     let conn = node.connect().await;
 
     node.stop_node().await;
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    assert!(
-        !conn.status().connected(),
-        "the stop closed client connections"
-    );
+    crate::util::eventually(crate::util::TIMEOUT, async || {
+        match conn.status().connected() {
+            false => Ok(()),
+            true => Err("the stop did not close the client's connection"),
+        }
+    })
+    .await;
     node.start_node().await;
 
     assert_eq!(node.queue_depth(&queue).await, 1);

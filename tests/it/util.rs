@@ -43,6 +43,33 @@ use tokio::io::AsyncReadExt as _;
 /// How long helpers wait for the broker or for `fm` before failing the test.
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
+/// What fm logs once its consumers are registered (fedora-messaging's words): from then on a
+/// published message reaches it.
+pub const CONSUMING: &str = "Successfully registered AMQP consumer";
+
+/// How often [`eventually`] looks again.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Waits for a condition nobody can notify us of (a file growing, a queue emptying, a count in
+/// a log): calls `check` until it returns `Ok`, and returns that. `Err` says what the test sees
+/// meanwhile (fm's log, the file...); after `within` the test panics with the last one. The one
+/// way tests wait: never a bare sleep, never a loop without a deadline.
+pub async fn eventually<T, E: std::fmt::Display>(
+    within: Duration,
+    mut check: impl AsyncFnMut() -> Result<T, E>,
+) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        match check().await {
+            Ok(value) => return value,
+            Err(state) if Instant::now() >= deadline => {
+                panic!("still waiting after {within:?}: {state}")
+            }
+            Err(_) => tokio::time::sleep(POLL).await,
+        }
+    }
+}
+
 /// The repository root (where Cargo.toml is).
 pub fn repo_root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -530,18 +557,13 @@ impl Broker {
 
     /// Waits until `queue` holds exactly `depth` ready messages; panics after [`TIMEOUT`].
     pub async fn wait_for_depth(&self, queue: &str, depth: u32) {
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            let now = self.queue_depth(queue).await;
-            if now == depth {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "queue {queue} still holds {now} messages after {TIMEOUT:?}, expected {depth}"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        eventually(TIMEOUT, async || match self.queue_depth(queue).await {
+            now if now == depth => Ok(()),
+            now => Err(format!(
+                "queue {queue} holds {now} messages, expected {depth}"
+            )),
+        })
+        .await
     }
 
     /// Removes every ready message of `queue`; returns how many.
@@ -1008,28 +1030,40 @@ impl FmProcess {
     /// Waits until stderr contains `needle` (fm logs to stderr); panics after [`TIMEOUT`] or when
     /// fm exits first, showing what it wrote.
     pub async fn wait_for_stderr(&mut self, needle: &str) {
-        self.wait_for(needle, true).await
+        self.wait_for_count(needle, 1, true).await
     }
 
     /// Waits until stdout contains `needle`; like [`FmProcess::wait_for_stderr`].
     pub async fn wait_for_stdout(&mut self, needle: &str) {
-        self.wait_for(needle, false).await
+        self.wait_for_count(needle, 1, false).await
     }
 
-    async fn wait_for(&mut self, needle: &str, stderr: bool) {
+    /// Waits until stderr contains `needle` at least `count` times (the n-th reconnection...).
+    pub async fn wait_for_stderr_count(&mut self, needle: &str, count: usize) {
+        self.wait_for_count(needle, count, true).await
+    }
+
+    /// Waits until fm registered its consumers: from then on a published message reaches it.
+    pub async fn wait_consuming(&mut self) {
+        self.wait_for_stderr(CONSUMING).await
+    }
+
+    async fn wait_for_count(&mut self, needle: &str, count: usize, stderr: bool) {
+        let seen = |p: &FmProcess| {
+            let text = if stderr { p.stderr() } else { p.stdout() };
+            text.matches(needle).count() >= count
+        };
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            let text = if stderr { self.stderr() } else { self.stdout() };
-            if text.contains(needle) {
+            if seen(self) {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                // Give the readers a moment for the last bytes, then check once more.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                let text = if stderr { self.stderr() } else { self.stdout() };
+                // fm is gone: once its pipes are drained, the text is final.
+                self.drain_pipes().await;
                 assert!(
-                    text.contains(needle),
-                    "fm exited ({status}) before printing {needle:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+                    seen(self),
+                    "fm exited ({status}) before printing {needle:?} {count} time(s)\n--- stdout:\n{}\n--- stderr:\n{}",
                     self.stdout(),
                     self.stderr()
                 );
@@ -1037,11 +1071,19 @@ impl FmProcess {
             }
             assert!(
                 Instant::now() < deadline,
-                "fm did not print {needle:?} within {TIMEOUT:?}\n--- stdout:\n{}\n--- stderr:\n{}",
+                "fm did not print {needle:?} {count} time(s) within {TIMEOUT:?}\n--- stdout:\n{}\n--- stderr:\n{}",
                 self.stdout(),
                 self.stderr()
             );
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// Reads fm's output to its end (the pipes close when fm exits, unless a child of fm still
+    /// holds them: so at most 5 s).
+    async fn drain_pipes(&mut self) {
+        for reader in std::mem::take(&mut self.readers) {
+            let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
         }
     }
 
@@ -1061,10 +1103,7 @@ impl FmProcess {
             let _ = self.child.start_kill();
             panic!("fm did not exit within {TIMEOUT:?}\n--- stdout:\n{out}\n--- stderr:\n{err}");
         };
-        // The pipes close when fm exits, unless a child of fm still holds them: do not wait forever.
-        for reader in std::mem::take(&mut self.readers) {
-            let _ = tokio::time::timeout(Duration::from_secs(2), reader).await;
-        }
+        self.drain_pipes().await;
         FmOutput {
             status,
             stdout: self.stdout(),

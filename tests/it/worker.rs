@@ -47,8 +47,7 @@ async fn a_shell_worker_gets_record_lines_and_its_answers_ack() {
         "",
     );
     let mut fm = s.fm(&config).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
     let bodies = [
         json!({"a": "é ✓", "n": 1.5}),
         json!({"shell": "$(id); `id` 'x' \"y\""}),
@@ -102,8 +101,7 @@ async fn answers_ack_nack_drop_and_halt_act_on_the_message() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-answers").await;
     let mut fm = s.fm(&py_worker(&s, "")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
     let ack = s.publish(&b, "ack", json!({})).await;
     let nack = s.publish(&b, "nack", json!({})).await;
     let drop = s.publish(&b, "drop", json!({})).await;
@@ -145,8 +143,7 @@ async fn a_worker_that_crashes_mid_message_is_restarted_and_the_message_requeued
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-crash").await;
     let mut fm = s.fm(&py_worker(&s, "on_error = \"requeue\"")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
     let crash = s.publish(&b, "crash", json!({})).await;
     let ack = s.publish(&b, "ack", json!({})).await;
     // crash (requeued), crash again (acked by the new worker), ack.
@@ -205,8 +202,7 @@ async fn a_worker_that_answers_garbage_is_replaced_and_processing_goes_on() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-garbage-go-on").await;
     let mut fm = s.fm(&py_worker(&s, "on_error = \"requeue\"")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
     let id = s.publish(&b, "garbage", json!({})).await;
     wait_settled(&mut fm, 2).await;
     let seen = seen(&s);
@@ -253,8 +249,7 @@ async fn a_worker_past_the_timeout_is_killed_and_replaced() {
     let mut fm = s
         .fm(&py_worker(&s, "on_error = \"requeue\"\ntimeout = 1"))
         .spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
     let id = s.publish(&b, "hang", json!({})).await;
     wait_settled(&mut fm, 2).await;
     let seen = seen(&s);
@@ -302,8 +297,7 @@ async fn a_fail_answer_follows_on_error() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-fail").await;
     let mut fm = s.fm(&py_worker(&s, "on_error = \"drop\"")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
     let id = s.publish(&b, "fail", json!({})).await;
     wait_settled(&mut fm, 1).await;
     assert_eq!(s.dead_lettered(&b).await, [id.as_str()]);
@@ -348,8 +342,7 @@ async fn workers_run_one_per_slot_and_stop_with_fm() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "worker-slots").await;
     let mut fm = s.fm(&py_worker(&s, "concurrency = 3")).spawn();
-    fm.wait_for_stderr("Successfully registered AMQP consumer")
-        .await;
+    fm.wait_consuming().await;
     let log = fm.stderr();
     let started = log
         .lines()
