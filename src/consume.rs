@@ -554,12 +554,15 @@ async fn handle_delivery(
             .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         match outcome {
             Outcome::Ack => {
-                ctx.redeliveries.forget(received_id.as_deref());
-                settle(&channel, &delivery, Settle::Ack).await;
-                ctx.stats.count(&queue, Counter::Processed);
-                tracing::info!(
-                    "Successfully consumed message from topic {topic} (message id {id})"
-                );
+                // An ack on a channel that is gone (a lost heartbeat) never reached the broker:
+                // the message comes again, so it was not consumed yet (settle logs why).
+                if settle(&channel, &delivery, Settle::Ack).await {
+                    ctx.redeliveries.forget(received_id.as_deref());
+                    ctx.stats.count(&queue, Counter::Processed);
+                    tracing::info!(
+                        "Successfully consumed message from topic {topic} (message id {id})"
+                    );
+                }
             }
             Outcome::Nack => {
                 tracing::info!("Returning message id {id} to the queue");
@@ -629,12 +632,13 @@ enum Settle {
     Nack { requeue: bool },
 }
 
-/// Ack or nack. A failure means the channel is gone: the broker delivers the message again.
+/// Ack or nack; false when that failed, which means the channel is gone: the broker delivers
+/// the message again.
 ///
 /// Sent on the delivery's channel directly rather than through `delivery.acker`, which takes a
 /// detour through lapin's internal RPC task (a wake-up of a runtime thread, and a task spawned,
 /// for every message); the frame and the outcome are the same.
-async fn settle(channel: &Channel, delivery: &Delivery, how: Settle) {
+async fn settle(channel: &Channel, delivery: &Delivery, how: Settle) -> bool {
     let tag = delivery.delivery_tag;
     let result = match how {
         Settle::Ack => channel.basic_ack(tag, BasicAckOptions::default()).await,
@@ -650,10 +654,15 @@ async fn settle(channel: &Channel, delivery: &Delivery, how: Settle) {
                 .await
         }
     };
-    if let Err(err) = result {
-        tracing::warn!(
-            "could not settle the message ({err}): its channel is gone, the broker will deliver it again"
-        );
+    match result {
+        Ok(()) => true,
+        Err(err) => {
+            tracing::warn!(
+                "could not settle the message ({err}): its channel is gone, the broker will \
+                 deliver it again"
+            );
+            false
+        }
     }
 }
 

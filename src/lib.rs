@@ -43,6 +43,7 @@ use crate::config::Config;
 
 /// Run the command line: load the configuration, set up logging, do the subcommand.
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
+    raise_fd_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -55,11 +56,29 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         tokio::spawn(dispatch(cli))
             .await
             .unwrap_or_else(|e| Err(anyhow::anyhow!("fm failed: {e}")))
-    })?;
-    // Plugins and workers may still hold blocking threads (abandoned at shutdown_timeout):
-    // do not wait for them.
+    });
+    // Plugins and workers may still hold blocking threads (abandoned at shutdown_timeout), and
+    // so may a read of standard input that will never end (an interrupted `fm publish -`): do
+    // not wait for them, whether fm succeeded or not (dropping the runtime would wait forever).
     runtime.shutdown_timeout(std::time::Duration::from_millis(100));
-    Ok(ExitCode::from(code))
+    Ok(ExitCode::from(code?))
+}
+
+/// Raise the soft limit on open files to the hard one, as servers do: the soft default (1024)
+/// is a leftover of `select(2)`, which fm does not use, and running out of descriptors stops
+/// exec mode from starting its commands. Failing changes nothing, so it is not an error.
+fn raise_fd_limit() {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let limit = getrlimit(Resource::Nofile);
+    if limit.current != limit.maximum {
+        let _ = setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: limit.maximum,
+                maximum: limit.maximum,
+            },
+        );
+    }
 }
 
 async fn dispatch(cli: Cli) -> anyhow::Result<u8> {

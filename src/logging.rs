@@ -16,11 +16,14 @@
 //! syntax (`info,lapin=debug`), replaces all of this when set, for debugging.
 //!
 //! Output goes to stderr, with colours only on a terminal, and without timestamps when
-//! `JOURNAL_STREAM` says stderr is the systemd journal (which stamps lines itself).
+//! `JOURNAL_STREAM` says stderr is the systemd journal (which stamps lines itself). One event is
+//! one line, always: control characters in what an event carries (a topic, a message id, a
+//! command's output: anyone who can publish chooses them) are written escaped ([`OneLine`]).
 //!
 //! The subscriber is installed once, by [`init_default`] before the configuration is read (so
 //! loading can log), and [`init`] then swaps in the configured levels through a reload handle.
 
+use std::borrow::Cow;
 use std::io::IsTerminal;
 use std::sync::OnceLock;
 
@@ -98,16 +101,77 @@ pub fn init(log_config: &LogConfig, verbosity: i8) {
 /// A formatting layer writing to stderr.
 fn stderr_layer<S>(
     ansi: bool,
-) -> fmt::Layer<S, fmt::format::DefaultFields, fmt::format::Format, StderrFn>
+) -> fmt::Layer<S, fmt::format::DefaultFields, fmt::format::Format, OneLine>
 where
     S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
 {
-    fmt::layer()
-        .with_writer(std::io::stderr as StderrFn)
-        .with_ansi(ansi)
+    fmt::layer().with_writer(OneLine { ansi }).with_ansi(ansi)
 }
 
-type StderrFn = fn() -> std::io::Stderr;
+/// The writer of every log line: one event is one line, whatever it carries. Message data in a
+/// log line (a topic, a message id, a command's output) comes from anyone who can publish, and
+/// a newline or a terminal control in it could forge log lines (`…\n2026-…Z ERROR fm::consume:
+/// …`) or rewrite the terminal; so every control character but the event's final newline (and
+/// tabs, and the formatter's own colour codes on a terminal) is written escaped, as `\n`, `\r`,
+/// `\x1b`, `\u{85}`...
+#[derive(Clone, Copy)]
+struct OneLine {
+    ansi: bool,
+}
+
+impl<'a> fmt::MakeWriter<'a> for OneLine {
+    type Writer = OneLine;
+
+    fn make_writer(&'a self) -> OneLine {
+        *self
+    }
+}
+
+impl std::io::Write for OneLine {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> std::io::Result<()> {
+        std::io::stderr()
+            .lock()
+            .write_all(&one_line(buf, self.ansi))
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
+}
+
+/// `event` (one formatted log event) with its control characters escaped; see [`OneLine`].
+fn one_line(event: &[u8], ansi: bool) -> Cow<'_, [u8]> {
+    let (body, end) = match event.strip_suffix(b"\n") {
+        Some(body) => (body, &b"\n"[..]),
+        None => (event, &b""[..]),
+    };
+    let text = String::from_utf8_lossy(body);
+    let clean = |c: char| !c.is_control() || c == '\t' || (ansi && c == '\x1b');
+    if text.chars().all(clean) && matches!(text, Cow::Borrowed(_)) {
+        return Cow::Borrowed(event);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        match c {
+            c if clean(c) => out.push(c),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c if (c as u32) < 0x80 => {
+                use std::fmt::Write as _;
+                let _ = write!(out, "\\x{:02x}", c as u32);
+            }
+            c => out.extend(c.escape_unicode()),
+        }
+    }
+    let mut bytes = out.into_bytes();
+    bytes.extend_from_slice(end);
+    Cow::Owned(bytes)
+}
 
 /// The `EnvFilter` directives for `log_config` and `verbosity`, or `fm_log` when it is set
 /// and not blank.
@@ -210,6 +274,30 @@ mod tests {
 
     fn log_config(toml: &str) -> LogConfig {
         Config::from_toml_str(toml, None).unwrap().log_config
+    }
+
+    fn escaped(event: &str, ansi: bool) -> String {
+        String::from_utf8(one_line(event.as_bytes(), ansi).into_owned()).unwrap()
+    }
+
+    /// Issue 17: a publisher cannot forge a log line with a newline in a topic or message id.
+    #[test]
+    fn an_event_is_one_line_whatever_it_carries() {
+        let forged = "INFO fm: Consuming message from topic a\n2026-11-26T00:00:00Z ERROR fm: \
+                      forged\r\u{1b}[2Jb (message id \u{0}x\u{7f}\u{85})\n";
+        assert_eq!(
+            escaped(forged, false),
+            "INFO fm: Consuming message from topic a\\n2026-11-26T00:00:00Z ERROR fm: forged\\r\
+             \\x1b[2Jb (message id \\x00x\\x7f\\u{85})\n"
+        );
+        // Tabs, non-ASCII text and the formatter's own colours on a terminal stay as they are.
+        let plain = "\u{1b}[32m INFO\u{1b}[0m fm: caf\u{e9}\tok\n";
+        assert_eq!(escaped(plain, true), plain);
+        assert!(matches!(one_line(plain.as_bytes(), true), Cow::Borrowed(_)));
+        assert_eq!(
+            escaped(plain, false),
+            "\\x1b[32m INFO\\x1b[0m fm: caf\u{e9}\tok\n"
+        );
     }
 
     #[test]

@@ -119,8 +119,18 @@ pub async fn start(monitoring: &Monitoring, stats: Arc<Stats>) -> anyhow::Result
     Ok(Running { addr, stop })
 }
 
+/// The most monitoring connections served at once. More wait in the kernel's backlog, costing
+/// fm no file descriptor: idle connections once exhausted them (issue 17), and then exec mode
+/// could not start its commands. A probe needs one connection; 64 leaves room for several.
+const MAX_CONNECTIONS: usize = 64;
+
 async fn serve(listener: TcpListener, stats: Arc<Stats>, stop: CancellationToken) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
+        let slot = tokio::select! {
+            _ = stop.cancelled() => return,
+            slot = Arc::clone(&slots).acquire_owned() => slot.expect("the semaphore is never closed"),
+        };
         let (stream, peer) = tokio::select! {
             _ = stop.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -152,6 +162,7 @@ async fn serve(listener: TcpListener, stats: Arc<Stats>, stop: CancellationToken
                 },
                 _ = stop.cancelled() => {}
             }
+            drop(slot);
         });
     }
 }

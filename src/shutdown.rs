@@ -72,17 +72,21 @@ impl Shutdown {
     }
 }
 
-/// Turn SIGTERM and SIGINT into a graceful stop (exit code 0). Repeated signals are logged and
-/// ignored: in-flight messages still finish. SIGKILL is the way to stop at once.
+/// Turn SIGTERM, SIGINT and SIGHUP into a graceful stop (exit code 0). Repeated signals are
+/// logged and ignored: in-flight messages still finish. SIGKILL is the way to stop at once.
+/// SIGHUP (the terminal that started fm closed) once ended fm at once, in-flight callbacks cut
+/// short and nothing logged; fm has no configuration reload for it to mean instead.
 pub fn on_signals(shutdown: Shutdown) -> std::io::Result<()> {
     use tokio::signal::unix::{SignalKind, signal};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     tokio::spawn(async move {
         loop {
             let name = tokio::select! {
                 _ = term.recv() => "SIGTERM",
                 _ = int.recv() => "SIGINT",
+                _ = hup.recv() => "SIGHUP",
             };
             if shutdown.trigger(0, format!("received {name}")) {
                 tracing::info!("received {name}: finishing in-flight messages, then stopping");

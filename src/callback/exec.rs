@@ -91,6 +91,22 @@ impl Exec {
     pub async fn handle(&self, msg: &Received) -> Outcome {
         let id = msg.id_for_log();
         let m = &msg.message;
+        // An environment variable cannot hold a NUL byte, which AMQP allows in a routing key or
+        // message id: the message's fault, not the command's (issue 17).
+        let nul = [
+            ("topic", m.topic.as_str()),
+            ("id", m.id.as_deref().unwrap_or("")),
+        ]
+        .into_iter()
+        .find(|(_, value)| value.contains('\0'));
+        if let Some((what, _)) = nul {
+            tracing::warn!(
+                "message {id}: its {what} contains a NUL byte, which FM_{} cannot carry to a \
+                 command; dropping it (dead-lettered if its queue has a dead-letter exchange)",
+                if what == "id" { "MESSAGE_ID" } else { "TOPIC" }
+            );
+            return Outcome::Drop;
+        }
         let mut cmd = Command::new(&self.argv[0]);
         cmd.args(&self.argv[1..])
             .env("FM_TOPIC", &m.topic)
@@ -111,6 +127,19 @@ impl Exec {
             .kill_on_drop(true);
         let mut child = match cmd.spawn() {
             Ok(child) => child,
+            Err(e) if out_of_resources(&e) => {
+                // Not the command's fault nor the message's: fm is out of file descriptors or
+                // processes (issue 17: idle monitoring connections once exhausted them). Back
+                // off, and let the message come again.
+                tracing::warn!(
+                    "cannot start '{}' for message {id}: {e}; returning the message to the \
+                     queue and pausing {} s",
+                    self.argv[0],
+                    RESOURCE_PAUSE.as_secs()
+                );
+                tokio::time::sleep(RESOURCE_PAUSE).await;
+                return Outcome::Nack;
+            }
             Err(e) => {
                 return on_failure(
                     self.on_error,
@@ -223,6 +252,20 @@ fn boxed<R: AsyncRead + Send + Unpin + 'static>(r: R) -> Box<dyn AsyncRead + Sen
 }
 
 /// What an unexpected failure of the callback does, as `[callback] on_error` says.
+/// How long exec mode waits after fm ran out of file descriptors or processes.
+const RESOURCE_PAUSE: Duration = Duration::from_secs(1);
+
+/// Whether starting a process failed for want of file descriptors or processes (a condition of
+/// fm's, which passes), rather than because of the program.
+fn out_of_resources(e: &io::Error) -> bool {
+    use rustix::io::Errno;
+    e.raw_os_error().is_some_and(|raw| {
+        [Errno::MFILE, Errno::NFILE, Errno::AGAIN, Errno::NOMEM]
+            .iter()
+            .any(|errno| errno.raw_os_error() == raw)
+    })
+}
+
 pub(crate) fn on_failure(on_error: OnError, id: &str, reason: String) -> Outcome {
     match on_error {
         OnError::Halt => Outcome::Fail(reason),

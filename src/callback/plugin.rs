@@ -24,7 +24,7 @@ use std::ffi::{CStr, c_char, c_void};
 use std::fmt;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Mutex, PoisonError, RwLock, TryLockError};
 
 use anyhow::{anyhow, bail};
 use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
@@ -303,10 +303,23 @@ impl Plugin {
         }
     }
 
-    /// Call the plugin's `shutdown`, once: later calls (and the one on drop) do nothing. It
-    /// waits for `handle` calls in flight; a `handle` call after it answers [`Outcome::Fail`].
+    /// Call the plugin's `shutdown`, once: later calls (and the one on drop) do nothing; a
+    /// `handle` call after it answers [`Outcome::Fail`]. It never waits for a `handle` call:
+    /// when one is still running (fm abandoned it at `shutdown_timeout`, issue 17) the plugin's
+    /// `shutdown` is not called at all — it may not free state a call still uses — and fm exits
+    /// as fm(1) promises instead of waiting forever.
     pub fn shutdown(&self) {
-        let mut state = self.state.write().unwrap_or_else(PoisonError::into_inner);
+        let mut state = match self.state.try_write() {
+            Ok(state) => state,
+            Err(TryLockError::Poisoned(poisoned)) => poisoned.into_inner(),
+            Err(TryLockError::WouldBlock) => {
+                tracing::warn!(
+                    "plugin {}: a handle call is still running; not calling its shutdown",
+                    self.name
+                );
+                return;
+            }
+        };
         if let Some(State(raw)) = state.take()
             && let Some(shutdown) = self.shutdown_fn
         {

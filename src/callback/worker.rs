@@ -291,6 +291,8 @@ impl StartError {
 
 /// One slot's life: keep a worker running and feed it jobs.
 async fn slot(shared: Arc<Shared>, index: usize, mut worker: Option<Worker>) {
+    // A message that found its worker out of step, for the next one.
+    let mut retry: Option<Job> = None;
     loop {
         let Some(mut w) = worker.take() else {
             if shared.gave_up.load(Ordering::Relaxed) {
@@ -329,49 +331,83 @@ async fn slot(shared: Arc<Shared>, index: usize, mut worker: Option<Worker>) {
             }
             continue;
         };
-        tokio::select! {
-            biased;
-            _ = shared.closing.cancelled() => {
-                w.stop(&shared.spec).await;
-                return;
+        let job = match retry.take() {
+            Some(job) => job,
+            None => tokio::select! {
+                biased;
+                _ = shared.closing.cancelled() => {
+                    w.stop(&shared.spec).await;
+                    return;
+                }
+                status = w.child.wait() => {
+                    let how = match status {
+                        Ok(s) => describe_status(s),
+                        Err(e) => format!("could not be waited for: {e}"),
+                    };
+                    w.reaped = true;
+                    shared.failed(format!(
+                        "{} (worker {index}, pid {}) {how} while idle",
+                        shared.spec.what,
+                        pid_text(w.pid)
+                    ));
+                    continue;
+                }
+                job = next_job(&shared) => match job {
+                    Some(job) => job,
+                    None => {
+                        w.stop(&shared.spec).await;
+                        return;
+                    }
+                },
+            },
+        };
+        let id = job.msg.id_for_log().to_owned();
+        match w.handle(&job.msg, &shared).await {
+            Ok(outcome) => {
+                shared.failures.store(0, Ordering::Relaxed);
+                let _ = job.reply.send(outcome);
+                worker = Some(w);
             }
-            status = w.child.wait() => {
-                let how = match status {
-                    Ok(s) => describe_status(s),
-                    Err(e) => format!("could not be waited for: {e}"),
-                };
-                w.reaped = true;
+            Err(Trouble::OutOfStep(reason)) => {
+                // The worker's fault, not this message's (it was never sent): the next worker
+                // gets it.
+                w.kill().await;
+                retry = Some(job);
                 shared.failed(format!(
-                    "{} (worker {index}, pid {}) {how} while idle",
+                    "{} (worker {index}, pid {}) {reason}",
                     shared.spec.what,
                     pid_text(w.pid)
                 ));
             }
-            job = next_job(&shared) => {
-                let Some(job) = job else {
-                    w.stop(&shared.spec).await;
-                    return;
-                };
-                let id = job.msg.id_for_log().to_owned();
-                match w.handle(&job.msg, &shared).await {
-                    Ok(outcome) => {
-                        shared.failures.store(0, Ordering::Relaxed);
-                        let _ = job.reply.send(outcome);
-                        worker = Some(w);
-                    }
-                    Err(reason) => {
-                        w.kill().await;
-                        let reason = format!(
-                            "{} (worker {index}, pid {}) {reason} while handling message {id}",
-                            shared.spec.what,
-                            pid_text(w.pid)
-                        );
-                        let _ = job.reply.send(on_failure(shared.on_error, &id, reason.clone()));
-                        shared.failed(reason);
-                    }
-                }
+            Err(Trouble::Worker(reason)) => {
+                w.kill().await;
+                let reason = format!(
+                    "{} (worker {index}, pid {}) {reason} while handling message {id}",
+                    shared.spec.what,
+                    pid_text(w.pid)
+                );
+                let _ = job
+                    .reply
+                    .send(on_failure(shared.on_error, &id, reason.clone()));
+                shared.failed(reason);
             }
         }
+    }
+}
+
+/// What went wrong with a worker while handling a message.
+enum Trouble {
+    /// The worker failed on the message (died, garbage, too late): the message's outcome
+    /// follows `on_error`.
+    Worker(String),
+    /// Output was waiting before the message was sent (a banner, a second answer to the
+    /// previous message): the message is not to blame and goes to the next worker.
+    OutOfStep(String),
+}
+
+impl From<String> for Trouble {
+    fn from(reason: String) -> Trouble {
+        Trouble::Worker(reason)
     }
 }
 
@@ -566,11 +602,15 @@ impl Worker {
 
     /// Send one message and read the answer. `Err` is a failure of the worker itself (it
     /// died, answered garbage or too late): the caller kills it.
-    async fn handle(&mut self, msg: &Received, shared: &Shared) -> Result<Outcome, String> {
+    async fn handle(&mut self, msg: &Received, shared: &Shared) -> Result<Outcome, Trouble> {
         let id = msg.id_for_log();
-        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(id.to_owned());
+        // Anything already waiting on its output was not asked for: a banner printed on stdout,
+        // or a second answer to the last message. The stream is out of step, and this message
+        // is not to blame: it has not been sent yet.
+        self.out_of_step().await?;
         // The id stays until the next message: stderr lines arrive on their own pipe, often
         // just after the answer they belong with.
+        *self.current.lock().unwrap_or_else(PoisonError::into_inner) = Some(id.to_owned());
         let line = self.exchange(msg, shared.timeout).await?;
         let answer: Answer = serde_json::from_slice(&line).map_err(|e| {
             format!(
@@ -578,7 +618,41 @@ impl Worker {
                 trim_eol(&String::from_utf8_lossy(&line))
             )
         })?;
-        answer.outcome(shared.on_error, id, &shared.spec.what)
+        Ok(answer.outcome(shared.on_error, id, &shared.spec.what)?)
+    }
+
+    /// `Err` when output is waiting that no message asked for. Polled once, not under a zero
+    /// timeout: a timer only fires on the runtime's next millisecond tick, which cost every
+    /// message a millisecond (scripts/bench: 800 → 7,000 messages/s).
+    async fn out_of_step(&mut self) -> Result<(), Trouble> {
+        let Some(ready) = futures_lite::future::poll_once(self.output.fill_buf()).await else {
+            return Ok(());
+        };
+        let previous = self
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        Err(match ready {
+            Ok([]) => Trouble::Worker("closed its output".into()),
+            Ok(early) => {
+                let early = String::from_utf8_lossy(
+                    early.split(|&b| b == b'\n').next().unwrap_or_default(),
+                );
+                let early = trim_eol(&early);
+                Trouble::OutOfStep(match previous {
+                    Some(previous) => format!(
+                        "wrote a second answer to message {previous} (one answer per message): \
+                         {early:.200}"
+                    ),
+                    None => format!(
+                        "wrote to stdout before it was given a message (stdout is for answers \
+                         only; log to stderr): {early:.200}"
+                    ),
+                })
+            }
+            Err(e) => Trouble::Worker(format!("could not be read from ({e})")),
+        })
     }
 
     async fn exchange(
@@ -589,23 +663,6 @@ impl Worker {
         let mut line = Vec::with_capacity(msg.record.len() + 1);
         line.extend_from_slice(msg.record.as_bytes());
         line.push(b'\n');
-        // Anything already waiting on its output was not asked for: a banner printed on stdout,
-        // a second answer to the last message. The stream is out of step. Polled once, not
-        // under a zero timeout: a timer only fires on the runtime's next millisecond tick, which
-        // cost every message a millisecond (scripts/bench: 800 → 7,000 messages/s).
-        if let Some(ready) = futures_lite::future::poll_once(self.output.fill_buf()).await {
-            return Err(match ready {
-                Ok([]) => "closed its output".into(),
-                Ok(early) => format!(
-                    "wrote to stdout before it was given the message (stdout is for answers \
-                     only; log to stderr): {:.200}",
-                    trim_eol(&String::from_utf8_lossy(
-                        early.split(|&b| b == b'\n').next().unwrap_or_default()
-                    ))
-                ),
-                Err(e) => format!("could not be read from ({e})"),
-            });
-        }
         let input = self.input.as_mut().ok_or("has its input closed")?;
         let send = async {
             input.write_all(&line).await?;

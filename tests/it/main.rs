@@ -17,6 +17,7 @@ mod publish;
 mod python;
 mod record;
 mod recorder;
+mod resilience;
 mod smoke;
 mod tls;
 mod worker;

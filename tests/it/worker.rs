@@ -215,6 +215,39 @@ async fn a_worker_that_answers_garbage_is_replaced_and_processing_goes_on() {
     s.cleanup(&b).await;
 }
 
+/// Issue 17: a second answer to one message is that message's worker's fault. The next message,
+/// which found the stream out of step, is not blamed: it goes to a new worker and is acked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_answer_is_blamed_on_its_message_not_on_the_next() {
+    let Some(b) = util::broker() else { return };
+    let s = Setup::new(&b, "worker-twice").await;
+    let mut fm = s.fm(&py_worker(&s, "")).spawn();
+    fm.wait_consuming().await;
+    let twice = s.publish(&b, "twice", json!({})).await;
+    wait_settled(&mut fm, 1).await;
+    let next = s.publish(&b, "ack", json!({})).await;
+    wait_settled(&mut fm, 2).await;
+    let log = fm.stderr();
+    assert!(
+        log.contains(&format!(
+            "wrote a second answer to message {twice} (one answer per message): "
+        )),
+        "{log}"
+    );
+    assert!(
+        !log.contains(&format!("while handling message {next}")),
+        "the next message is not blamed:\n{log}"
+    );
+    let seen = seen(&s);
+    let tries = seen_of(&seen, &next);
+    assert_eq!(tries.len(), 1, "handed once, to the new worker");
+    assert_eq!(s.dead_lettered(&b).await, Vec::<String>::new());
+    assert_eq!(b.queue_depth(&s.queue).await, 0);
+    fm.kill("TERM");
+    fm.wait().await.assert_code(0);
+    s.cleanup(&b).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_that_chatters_on_stdout_fails_and_cannot_go_on() {
     let Some(b) = util::broker() else { return };
@@ -227,10 +260,10 @@ async fn a_worker_that_chatters_on_stdout_fails_and_cannot_go_on() {
         .await;
     out.assert_code(13);
     assert!(
-        out.stderr.contains(&format!(
-            "wrote to stdout before it was given the message (stdout is for answers only; log \
-             to stderr): worker ready to serve while handling message {id}"
-        )) || out.stderr.contains(&format!(
+        out.stderr.contains(
+            "wrote to stdout before it was given a message (stdout is for answers only; log to \
+             stderr): worker ready to serve"
+        ) || out.stderr.contains(&format!(
             "not a protocol line (expected value at line 1 column 1): worker ready to serve \
              while handling message {id}"
         )),

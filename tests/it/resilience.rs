@@ -1,0 +1,121 @@
+//! Issue 17: what a publisher (anyone who can publish to a bound topic) or a broken callback can
+//! do to a consumer, and why it never stops fm. After each hostile message the next good one is
+//! consumed and fm is still running.
+
+use lapin::types::FieldTable;
+use serde_json::json;
+
+use crate::exec::{Setup, wait_settled};
+use crate::recorder::{Extra, config, consuming, out_file, wait_for_lines};
+use crate::util;
+
+/// A NUL byte cannot go into a command's environment (`FM_TOPIC`, `FM_MESSAGE_ID`); AMQP allows
+/// it in a routing key and a message id. Such a message is the message's fault: dropped (here
+/// dead-lettered) with a line naming it, and the command runs for the next one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nul_byte_in_the_topic_or_id_drops_only_that_message_in_exec_mode() {
+    let Some(b) = util::broker() else { return };
+    let s = Setup::new(&b, "exec-nul").await;
+    let command = serde_json::to_string(&[crate::exec::fixture("exec.sh")]).unwrap();
+    let mut fm = s
+        .fm(&s.fm_config(&format!("command = {command}"), ""))
+        .spawn();
+    fm.wait_consuming().await;
+
+    let body = json!({"n": 1});
+    let nul_topic = format!("{}.x\0y.ack", s.queue);
+    b.publish_json(
+        "amq.topic",
+        &nul_topic,
+        &body,
+        FieldTable::default(),
+        "id-topic",
+    )
+    .await;
+    let topic = format!("{}.ack", s.queue);
+    b.publish_json("amq.topic", &topic, &body, FieldTable::default(), "id\0nul")
+        .await;
+    let good = s.publish(&b, "ack", json!({"n": 2})).await;
+    wait_settled(&mut fm, 3).await;
+
+    let log = fm.stderr();
+    assert!(
+        log.contains("message id-topic: its topic contains a NUL byte"),
+        "{log}"
+    );
+    assert!(
+        log.contains("message id\\x00nul: its id contains a NUL byte"),
+        "the id is named, its NUL escaped:\n{log}"
+    );
+    assert!(s.out(&format!("{good}.stdin")).is_file(), "{log}");
+    assert_eq!(s.dead_lettered(&b).await, ["id-topic", "id\0nul"]);
+    fm.kill("TERM");
+    fm.wait().await.assert_code(0);
+    s.cleanup(&b).await;
+}
+
+/// A topic carrying a newline and a whole forged log line stays on the line of the event that
+/// logs it: control characters are written escaped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_line_forged_in_a_topic_stays_on_its_own_line() {
+    let Some(b) = util::broker() else { return };
+    let queue = util::unique("forge");
+    let (_keep, out) = out_file();
+    let mut proc = consuming(&config(b.url(), &queue, &out, Extra::default())).await;
+    let forged = "2026-11-26T00:00:00.000000Z ERROR fm::consume: forged";
+    let topic = format!("{queue}.x\n{forged}\r\u{1b}[2J.ack");
+    b.publish_json(
+        "amq.topic",
+        &topic,
+        &json!({}),
+        FieldTable::default(),
+        "id\nforged",
+    )
+    .await;
+    wait_for_lines(&proc, &out, 1).await;
+    proc.wait_for_stderr("Successfully consumed message").await;
+    let log = proc.stderr();
+    assert!(
+        log.lines().all(|l| !l.starts_with(forged)),
+        "a forged line:\n{log}"
+    );
+    assert!(
+        log.contains(&format!("x\\n{forged}\\r\\x1b[2J.ack")),
+        "the topic is logged escaped:\n{log}"
+    );
+    proc.kill("TERM");
+    proc.wait().await.assert_code(0);
+    b.delete_queue(&queue).await;
+}
+
+/// fm(1) promises an exit once `shutdown_timeout` has passed, even when a plugin's `handle`
+/// never returns: the plugin's own shutdown is then skipped (it could free what the call uses).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_that_never_returns_does_not_keep_fm_from_exiting() {
+    let Some(b) = util::broker() else { return };
+    let queue = util::unique("hang");
+    let (_keep, out) = out_file();
+    let extra = Extra {
+        top: "shutdown_timeout = 1",
+        ..Extra::default()
+    };
+    let mut proc = consuming(&config(b.url(), &queue, &out, extra)).await;
+    b.publish_fedora("amq.topic", &format!("{queue}.hang"), &json!({}))
+        .await;
+    wait_for_lines(&proc, &out, 1).await; // the plugin records, then hangs
+    proc.kill("TERM");
+    proc.wait_for_stderr("did not finish within shutdown_timeout")
+        .await;
+    let output = proc.wait().await;
+    output.assert_code(0);
+    assert!(
+        output
+            .stderr
+            .contains("a handle call is still running; not calling its shutdown"),
+        "{}",
+        output.stderr
+    );
+    // The message was never settled: the broker keeps it for the next consumer.
+    b.wait_for_depth(&queue, 1).await;
+    b.delete_queue(&queue).await;
+}
