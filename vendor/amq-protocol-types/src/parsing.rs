@@ -2,7 +2,7 @@ use crate::{flags::*, types::*, value::*};
 use nom::{
     self, Parser,
     bytes::streaming::take,
-    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser, map_res},
+    combinator::{all_consuming, complete, flat_map, map, map_opt, map_parser},
     error::{ContextError, ErrorKind, ParseError, context},
     multi::fold_many0,
     number::streaming::{
@@ -100,11 +100,35 @@ pub type ParserError = nom::Err<ParserErrors>;
 /// Return type of parsers
 pub type ParserResult<I, T> = Result<(I, T), ParserError>;
 
+/// How deep [FieldTable](../type.FieldTable.html)s and [FieldArray](../type.FieldArray.html)s
+/// are parsed: a table or array nested deeper is skipped by its length and replaced by
+/// [TOO_DEEP](constant.TOO_DEEP.html).
+///
+/// Parsing a nested value recurses, and a peer can nest one table in another thousands of times
+/// within a frame (about 6 bytes a level): without a bound, that overflows the stack of the
+/// thread reading the connection. A client cannot refuse a frame, so it must parse it; 64
+/// levels are far more than real headers use (RabbitMQ's own `x-death` needs 3).
+pub const MAX_NESTING_DEPTH: usize = 64;
+
+/// What a table or array nested deeper than [MAX_NESTING_DEPTH](constant.MAX_NESTING_DEPTH.html)
+/// is replaced by, as an [AMQPValue::LongString](../enum.AMQPValue.html): its content is
+/// dropped, and an application can look for this value to tell that it was.
+pub const TOO_DEEP: &str = "[nesting deeper than 64 levels dropped by the parser]";
+
 /// Parse the [AMQPValue](../type.AMQPValue.html) of the given [AMQPType](../type.AMQPType.html)
 #[must_use]
 pub fn parse_raw_value<I: ParsableInput>(
     amqp_type: AMQPType,
 ) -> impl Parser<I, Output = AMQPValue, Error = ParserErrors> {
+    move |i| raw_value_at(i, amqp_type, 0)
+}
+
+/// [parse_raw_value] for a value enclosed in `depth` tables or arrays.
+fn raw_value_at<I: ParsableInput>(
+    i: I,
+    amqp_type: AMQPType,
+    depth: usize,
+) -> ParserResult<I, AMQPValue> {
     context("parse_raw_value", move |i| match amqp_type {
         AMQPType::Boolean => map(parse_boolean, AMQPValue::Boolean).parse(i),
         AMQPType::ShortShortInt => map(parse_short_short_int, AMQPValue::ShortShortInt).parse(i),
@@ -121,17 +145,40 @@ pub fn parse_raw_value<I: ParsableInput>(
         AMQPType::DecimalValue => map(parse_decimal_value, AMQPValue::DecimalValue).parse(i),
         AMQPType::ShortString => map(parse_short_string, AMQPValue::ShortString).parse(i),
         AMQPType::LongString => map(parse_long_string, AMQPValue::LongString).parse(i),
-        AMQPType::FieldArray => map(parse_field_array, AMQPValue::FieldArray).parse(i),
+        AMQPType::FieldArray | AMQPType::FieldTable if depth >= MAX_NESTING_DEPTH => {
+            // Skipped by its length prefix, without looking inside: no recursion.
+            map(flat_map(parse_long_uint, take), |_| {
+                AMQPValue::LongString(TOO_DEEP.into())
+            })
+            .parse(i)
+        }
+        AMQPType::FieldArray => {
+            map(move |i| field_array_at(i, depth + 1), AMQPValue::FieldArray).parse(i)
+        }
         AMQPType::Timestamp => map(parse_timestamp, AMQPValue::Timestamp).parse(i),
-        AMQPType::FieldTable => map(parse_field_table, AMQPValue::FieldTable).parse(i),
+        AMQPType::FieldTable => {
+            map(move |i| field_table_at(i, depth + 1), AMQPValue::FieldTable).parse(i)
+        }
         AMQPType::ByteArray => map(parse_byte_array, AMQPValue::ByteArray).parse(i),
         AMQPType::Void => Ok((i, AMQPValue::Void)),
     })
+    .parse(i)
 }
 
 /// Parse an [AMQPValue](../type.AMQPValue.html)
 pub fn parse_value<I: ParsableInput>(i: I) -> ParserResult<I, AMQPValue> {
-    context("parse_value", flat_map(parse_type, parse_raw_value)).parse(i)
+    value_at(i, 0)
+}
+
+/// [parse_value] for a value enclosed in `depth` tables or arrays.
+fn value_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, AMQPValue> {
+    context(
+        "parse_value",
+        flat_map(parse_type, move |amqp_type| {
+            move |i| raw_value_at(i, amqp_type, depth)
+        }),
+    )
+    .parse(i)
 }
 
 /// Parse an [AMQPType](../type.AMQPType.html)
@@ -215,18 +262,31 @@ pub fn parse_decimal_value<I: ParsableInput>(i: I) -> ParserResult<I, DecimalVal
     .parse(i)
 }
 
-fn make_str<I: Input<Item = u8>>(i: I) -> Result<String, std::string::FromUtf8Error> {
-    String::from_utf8(i.iter_elements().collect())
+/// The bytes as a string, decoded leniently: the spec does not require short strings to be
+/// UTF-8, brokers pass on whatever a publisher sent, and a client cannot refuse a frame. Bytes
+/// that are not UTF-8 become U+FFFD (`String::from_utf8_lossy`); as each one grows from 1 to 3
+/// bytes, a result longer than a short string is cut, keeping a final U+FFFD.
+fn make_str<I: Input<Item = u8>>(i: I) -> ShortString {
+    let s = String::from_utf8(i.iter_elements().collect()).unwrap_or_else(|e| {
+        let mut s = String::from_utf8_lossy(e.as_bytes()).into_owned();
+        if s.len() > MAX_SHORT_STRING_LENGTH {
+            let mut end = MAX_SHORT_STRING_LENGTH - char::REPLACEMENT_CHARACTER.len_utf8();
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            s.truncate(end);
+            s.push(char::REPLACEMENT_CHARACTER);
+        }
+        s
+    });
+    ShortString::from(s)
 }
 
-/// Parse a [ShortString](../type.ShortString.html)
+/// Parse a [ShortString](../type.ShortString.html); bytes that are not UTF-8 become U+FFFD.
 pub fn parse_short_string<I: ParsableInput>(i: I) -> ParserResult<I, ShortString> {
     context(
         "parse_short_string",
-        map(
-            map_res(flat_map(parse_short_short_uint, take), make_str),
-            ShortString::from,
-        ),
+        map(flat_map(parse_short_short_uint, take), make_str),
     )
     .parse(i)
 }
@@ -244,12 +304,20 @@ pub fn parse_long_string<I: ParsableInput>(i: I) -> ParserResult<I, LongString> 
 
 /// Parse a [FieldArray](../type.FieldArray.html)
 pub fn parse_field_array<I: ParsableInput>(i: I) -> ParserResult<I, FieldArray> {
+    field_array_at(i, 1)
+}
+
+/// [parse_field_array] for an array that is the `depth`th nested table or array.
+fn field_array_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, FieldArray> {
     context(
         "parse_field_array",
         map_parser(
             flat_map(parse_long_uint, take),
             all_consuming(fold_many0(
-                context("parse_field_array_entry", complete(parse_value)),
+                context(
+                    "parse_field_array_entry",
+                    complete(move |i| value_at(i, depth)),
+                ),
                 FieldArray::default,
                 |mut acc, elem| {
                     acc.push(elem);
@@ -268,6 +336,11 @@ pub fn parse_timestamp<I: ParsableInput>(i: I) -> ParserResult<I, Timestamp> {
 
 /// Parse a [FieldTable](../type.FieldTable.html)
 pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> {
+    field_table_at(i, 1)
+}
+
+/// [parse_field_table] for a table that is the `depth`th nested table or array.
+fn field_table_at<I: ParsableInput>(i: I, depth: usize) -> ParserResult<I, FieldTable> {
     context(
         "parse_field_table",
         map_parser(
@@ -275,7 +348,7 @@ pub fn parse_field_table<I: ParsableInput>(i: I) -> ParserResult<I, FieldTable> 
             all_consuming(fold_many0(
                 context(
                     "parse_field_table_entry",
-                    complete(pair(parse_short_string, parse_value)),
+                    complete(pair(parse_short_string, move |i| value_at(i, depth))),
                 ),
                 FieldTable::default,
                 |mut acc, (key, value)| {
@@ -543,6 +616,135 @@ mod test {
             ),
             Ok((EMPTY, table))
         );
+    }
+
+    #[test]
+    fn test_parse_short_string_not_utf8() {
+        assert_eq!(
+            parse_short_string(&b"\x09poison-\xff\xfe"[..]),
+            Ok((EMPTY, "poison-\u{FFFD}\u{FFFD}".into()))
+        );
+        // Each bad byte grows to three: the result is cut to 255 bytes, still ending in U+FFFD.
+        let mut all_bad = vec![255];
+        all_bad.extend([0xff; 255]);
+        let (_, s) = parse_short_string(&all_bad[..]).unwrap();
+        assert_eq!(s.as_str(), "\u{FFFD}".repeat(85));
+        let mut last_bad = vec![255];
+        last_bad.extend([b'a'; 254]);
+        last_bad.push(0xff);
+        let (_, s) = parse_short_string(&last_bad[..]).unwrap();
+        assert_eq!(s.as_str(), "a".repeat(252) + "\u{FFFD}");
+    }
+
+    #[test]
+    fn test_parse_field_table_not_utf8_key() {
+        let mut table = FieldTable::default();
+        table.insert("k\u{FFFD}".into(), AMQPValue::Boolean(true));
+        assert_eq!(
+            parse_field_table(&[0, 0, 0, 5, 2, b'k', 0xc3, b't', 1][..]),
+            Ok((EMPTY, table))
+        );
+    }
+
+    /// `levels` tables (each the only, empty-named entry of the one around it) or arrays (each
+    /// the only element of the one around it), as they come on the wire.
+    fn nested(levels: usize, table: bool) -> Vec<u8> {
+        let (entry, level_size): (&[u8], u32) = if table { (b"\0F", 6) } else { (b"A", 5) };
+        let mut bytes = Vec::new();
+        for level in 1..levels as u32 {
+            bytes.extend((level_size * (levels as u32 - level)).to_be_bytes());
+            bytes.extend(entry);
+        }
+        bytes.extend([0, 0, 0, 0]);
+        bytes
+    }
+
+    /// How many tables and arrays `v` nests (following first entries), and what is innermost.
+    fn levels(mut v: &AMQPValue) -> (usize, Option<&AMQPValue>) {
+        let mut n = 0;
+        loop {
+            let next = match v {
+                AMQPValue::FieldTable(t) => t.inner().values().next(),
+                AMQPValue::FieldArray(a) => a.as_slice().first(),
+                _ => return (n, Some(v)),
+            };
+            n += 1;
+            match next {
+                Some(inner) => v = inner,
+                None => return (n, None),
+            }
+        }
+    }
+
+    #[test]
+    fn test_nesting_up_to_the_limit_is_kept() {
+        for table in [true, false] {
+            let bytes = nested(MAX_NESTING_DEPTH, table);
+            let value = if table {
+                AMQPValue::FieldTable(parse_field_table(&bytes[..]).unwrap().1)
+            } else {
+                AMQPValue::FieldArray(parse_field_array(&bytes[..]).unwrap().1)
+            };
+            assert_eq!(levels(&value), (MAX_NESTING_DEPTH, None));
+        }
+    }
+
+    #[test]
+    fn test_nesting_beyond_the_limit_is_dropped() {
+        let marker = AMQPValue::LongString(TOO_DEEP.into());
+        assert!(TOO_DEEP.contains(&MAX_NESTING_DEPTH.to_string()));
+        for table in [true, false] {
+            let bytes = nested(MAX_NESTING_DEPTH + 1, table);
+            let value = if table {
+                AMQPValue::FieldTable(parse_field_table(&bytes[..]).unwrap().1)
+            } else {
+                AMQPValue::FieldArray(parse_field_array(&bytes[..]).unwrap().1)
+            };
+            assert_eq!(levels(&value), (MAX_NESTING_DEPTH, Some(&marker)));
+        }
+        // What follows the dropped value is still parsed.
+        let mut entries = b"\0F".to_vec();
+        entries.extend(nested(MAX_NESTING_DEPTH, true));
+        entries.extend(b"\x01xT\0\0\0\0\0\0\0\x07");
+        let mut bytes = (entries.len() as u32).to_be_bytes().to_vec();
+        bytes.extend(entries);
+        bytes.push(b'!');
+        let (rest, table) = parse_field_table(&bytes[..]).unwrap();
+        assert_eq!(rest, b"!");
+        assert_eq!(table.inner()["x"], AMQPValue::Timestamp(7));
+        let value = AMQPValue::FieldTable(table);
+        assert_eq!(levels(&value), (MAX_NESTING_DEPTH, Some(&marker)));
+    }
+
+    /// A header table as deep as a frame of frame_max = 131072 bytes can carry (6 bytes a level)
+    /// used to overflow the stack of the thread reading the connection.
+    #[test]
+    fn test_the_deepest_table_a_frame_can_carry_parses_on_a_normal_stack() {
+        for table in [true, false] {
+            let bytes = nested(21_800, table);
+            assert!(bytes.len() < 131_072);
+            let parsed = std::thread::Builder::new()
+                .stack_size(2 * 1024 * 1024)
+                .spawn(move || {
+                    let value = if table {
+                        AMQPValue::FieldTable(parse_field_table(&bytes[..]).unwrap().1)
+                    } else {
+                        AMQPValue::FieldArray(parse_field_array(&bytes[..]).unwrap().1)
+                    };
+                    let (n, innermost) = levels(&value);
+                    (n, innermost.cloned())
+                })
+                .unwrap()
+                .join()
+                .expect("parsing on a 2 MiB stack");
+            assert_eq!(
+                parsed,
+                (
+                    MAX_NESTING_DEPTH,
+                    Some(AMQPValue::LongString(TOO_DEEP.into()))
+                )
+            );
+        }
     }
 
     #[test]
