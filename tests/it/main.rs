@@ -11,6 +11,7 @@ mod docs;
 mod exec;
 mod failover;
 mod faults;
+mod hostile;
 mod ops;
 mod publish;
 mod python;
