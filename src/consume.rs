@@ -5,7 +5,9 @@
 //! - one consumer per queue, each on its own channel, with `basic_qos(prefetch_count,
 //!   prefetch_size)` and a UUID4 consumer tag;
 //! - a message that is not UTF-8, not JSON, not a JSON object, or whose headers fail the base
-//!   schema is dropped (`nack`, no requeue) with a log line naming it;
+//!   schema is dropped (`nack`, no requeue) with a log line naming it; so is one the AMQP parser
+//!   had to repair (a routing key, id or header name that is not UTF-8, headers nested too
+//!   deep: `message::damage`), instead of losing the connection over it (issue 17);
 //! - callback outcomes: ack, `Nack` → requeue, `Drop` → nack without requeue, `Halt` → ack or
 //!   requeue then stop with its exit code, any other failure → requeue it and every
 //!   prefetched message, exit 13;

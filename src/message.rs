@@ -16,6 +16,7 @@
 
 use std::fmt::Write as _;
 
+use lapin::types::parsing::{MAX_NESTING_DEPTH, TOO_DEEP};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, message::Delivery};
 use serde_json::{Map, Number, Value};
@@ -299,8 +300,9 @@ pub struct Received {
 impl Received {
     /// Decode a delivery from `queue` the way fedora-messaging's `get_message` does. Missing
     /// headers, schema, severity or content encoding are logged and defaulted; a body that is
-    /// not UTF-8, not JSON, or not a JSON object, or headers that fail the base schema, make
-    /// the message invalid: the caller drops it (`nack` without requeue).
+    /// not UTF-8, not JSON, or not a JSON object, headers that fail the base schema, or a
+    /// message the AMQP parser had to repair ([`damage`]) make the message invalid: the caller
+    /// drops it (`nack` without requeue).
     ///
     /// The body bytes are moved out of `delivery` (what is left of it is for acking).
     pub fn from_delivery(delivery: &mut Delivery, queue: &str) -> Result<Received, Invalid> {
@@ -310,8 +312,12 @@ impl Received {
         let invalid = |reason: String| Invalid {
             id: id.clone(),
             topic: topic.to_owned(),
+            queue: queue.to_owned(),
             reason,
         };
+        if let Some(reason) = damage(delivery) {
+            return Err(invalid(reason));
+        }
         // The message id and topic are on the caller's span ("message{queue, topic, id}").
         let headers = match props.headers() {
             Some(table) => field_table_to_json(table),
@@ -368,14 +374,79 @@ impl Received {
 
 /// Why a delivered message was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("message {} on topic {topic:?} is invalid: {reason}", .id.as_deref().unwrap_or("<none>"))]
+#[error(
+    "message {} on topic {topic:?} in queue {queue:?} is invalid: {reason}",
+    .id.as_deref().map_or("<none>".into(), |id| id.escape_debug().to_string())
+)]
 pub struct Invalid {
-    /// The message id, if the message had one.
+    /// The message id, if the message had one (escaped in the log: a publisher chose it).
     pub id: Option<String>,
     /// The routing key.
     pub topic: String,
+    /// The queue it was consumed from.
+    pub queue: String,
     /// What is wrong with it.
     pub reason: String,
+}
+
+/// What the AMQP parser decodes a byte that is not UTF-8 in a short string as (fm's fork of
+/// amq-protocol-types, `vendor/amq-protocol-types/FORK.md`): a client cannot refuse a frame, so
+/// the parser repairs what it cannot read instead of dropping the connection.
+const NOT_UTF8: char = char::REPLACEMENT_CHARACTER;
+
+/// What, if anything, the AMQP parser had to repair in a delivery that fm relies on (issue 17):
+/// a routing key, message id or header name that was not UTF-8 (U+FFFD in it, which a
+/// publisher could also have sent as such: fm cannot tell, and treats both alike), or headers
+/// nesting tables and arrays deeper than the parser keeps ([`TOO_DEEP`] in place of the rest).
+///
+/// Such a message is invalid rather than handled with its names changed: its topic, id and
+/// header names are what callbacks dispatch on, and a record of it could not be replayed as
+/// it was sent. The other short strings (`content_type`, `correlation_id`, `reply_to`, …) are
+/// not part of a fedora-messaging message, so their repair does not matter; a bad
+/// `content_encoding` is refused by [`Received::from_delivery`]'s own check; header *values*
+/// are long strings, raw bytes decoded leniently as pika does.
+pub fn damage(delivery: &Delivery) -> Option<String> {
+    if delivery.routing_key.as_str().contains(NOT_UTF8) {
+        return Some("its routing key is not valid UTF-8".into());
+    }
+    let props = &delivery.properties;
+    if props
+        .message_id()
+        .as_ref()
+        .is_some_and(|id| id.as_str().contains(NOT_UTF8))
+    {
+        return Some("its message id is not valid UTF-8".into());
+    }
+    props.headers().as_ref().and_then(header_damage)
+}
+
+/// [`damage`] in the headers, at every depth: a walk with a stack of its own, not recursion.
+fn header_damage(headers: &FieldTable) -> Option<String> {
+    let mut todo: Vec<&AMQPValue> = Vec::new();
+    let mut table = Some(headers);
+    loop {
+        if let Some(t) = table.take() {
+            for (key, value) in t {
+                if key.as_str().contains(NOT_UTF8) {
+                    return Some(format!(
+                        "its header name {:?} is not valid UTF-8",
+                        key.as_str()
+                    ));
+                }
+                todo.push(value);
+            }
+        }
+        match todo.pop()? {
+            AMQPValue::FieldTable(t) => table = Some(t),
+            AMQPValue::FieldArray(a) => todo.extend(a.as_slice()),
+            AMQPValue::LongString(s) if s.as_bytes() == TOO_DEEP.as_bytes() => {
+                return Some(format!(
+                    "its headers nest tables or arrays deeper than {MAX_NESTING_DEPTH} levels"
+                ));
+            }
+            _ => {}
+        }
+    }
 }
 
 fn is_utf8_name(enc: &str) -> bool {
@@ -827,5 +898,86 @@ mod tests {
         assert_eq!(format_utc(0), "1970-01-01T00:00:00+00:00");
         assert_eq!(format_utc(1_542_535_901), "2018-11-18T10:11:41+00:00");
         assert_eq!(format_utc(951_782_400), "2000-02-29T00:00:00+00:00");
+    }
+
+    /// A delivery as lapin hands it over once the parser has repaired it: U+FFFD for bytes that
+    /// were not UTF-8, [`TOO_DEEP`] for nesting it dropped.
+    fn delivery(routing_key: &str, id: &str, headers: FieldTable) -> Delivery {
+        let mut d = Delivery::mock(
+            1,
+            "amq.topic".into(),
+            routing_key.into(),
+            false,
+            b"{}".into(),
+        );
+        d.properties = BasicProperties::default()
+            .with_message_id(id.into())
+            .with_content_encoding("utf-8".into())
+            .with_headers(headers);
+        d
+    }
+
+    fn table(key: &str, value: AMQPValue) -> FieldTable {
+        let mut t = FieldTable::default();
+        t.insert(key.into(), value);
+        t
+    }
+
+    #[test]
+    fn a_delivery_the_parser_repaired_is_invalid_and_says_why() {
+        let refused = |d: &mut Delivery| Received::from_delivery(d, "q\n").unwrap_err();
+        let err = refused(&mut delivery("t.\u{FFFD}", "id-1", FieldTable::default()));
+        assert_eq!(err.reason, "its routing key is not valid UTF-8");
+        let err = refused(&mut delivery(
+            "t",
+            "poison-\u{FFFD}\n",
+            FieldTable::default(),
+        ));
+        assert_eq!(err.reason, "its message id is not valid UTF-8");
+        // The id and the queue are escaped: a publisher cannot write lines of its own in the log.
+        assert_eq!(
+            err.to_string(),
+            "message poison-\u{FFFD}\\n on topic \"t\" in queue \"q\\n\" is invalid: its message \
+             id is not valid UTF-8"
+        );
+        let nested_key = table(
+            "a",
+            AMQPValue::FieldArray(
+                vec![AMQPValue::FieldTable(table("\u{FFFD}", AMQPValue::Void))].into(),
+            ),
+        );
+        let err = refused(&mut delivery("t", "id-1", nested_key));
+        assert_eq!(
+            err.reason,
+            "its header name \"\u{FFFD}\" is not valid UTF-8"
+        );
+        let cut = table(
+            "a",
+            AMQPValue::FieldTable(table("b", AMQPValue::LongString(TOO_DEEP.into()))),
+        );
+        let err = refused(&mut delivery("t", "id-1", cut));
+        assert_eq!(
+            err.reason,
+            "its headers nest tables or arrays deeper than 64 levels"
+        );
+    }
+
+    #[test]
+    fn a_delivery_the_parser_did_not_repair_is_decoded() {
+        let headers = table(
+            "x-death",
+            AMQPValue::FieldArray(
+                vec![AMQPValue::FieldTable(table(
+                    "reason",
+                    AMQPValue::LongString(b"r\xff".to_vec().into()),
+                ))]
+                .into(),
+            ),
+        );
+        let mut d = delivery("t.é", "id-é", headers);
+        let r = Received::from_delivery(&mut d, "q").unwrap();
+        assert_eq!(r.message.topic, "t.é");
+        // Header values are raw bytes, decoded leniently as pika does.
+        assert_eq!(r.message.headers["x-death"][0]["reason"], "r\u{FFFD}");
     }
 }
