@@ -36,6 +36,7 @@ use tracing::Instrument;
 
 use crate::amqp::declare::{self, DeclaredQueue};
 use crate::amqp::{Connected, Connector, errors};
+use crate::attempts::{Attempts, Verdict};
 use crate::callback::{Handler, Outcome};
 use crate::config::Config;
 use crate::error::{Exit, code};
@@ -60,56 +61,8 @@ pub struct Context {
     pub stats: Arc<Stats>,
     /// The process-wide stop.
     pub shutdown: Shutdown,
-    /// fm's own count of redeliveries per message id, for `max_redeliveries`.
-    pub redeliveries: Redeliveries,
-}
-
-/// How often each message has been redelivered, for `[callback] max_redeliveries`.
-///
-/// RabbitMQ counts deliveries itself on quorum queues (`x-delivery-count`); on classic queues
-/// fm counts the redeliveries it sees per message id while it runs. The table is bounded: when
-/// full it is cleared, which at worst lets a poison message loop a few more times.
-#[derive(Default)]
-pub struct Redeliveries {
-    seen: std::sync::Mutex<std::collections::HashMap<String, u64>>,
-}
-
-/// The most message ids [`Redeliveries`] remembers.
-const REDELIVERIES_MAX_IDS: usize = 100_000;
-
-impl Redeliveries {
-    /// How many times this delivery's message was delivered before.
-    fn count(&self, delivery: &Delivery, id: Option<&str>) -> u64 {
-        let from_broker = delivery
-            .properties
-            .headers()
-            .as_ref()
-            .and_then(|h| h.inner().get("x-delivery-count"))
-            .and_then(|v| crate::message::amqp_to_json(v).as_u64());
-        if let Some(n) = from_broker {
-            return n;
-        }
-        let (Some(id), true) = (id, delivery.redelivered) else {
-            return 0;
-        };
-        let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        if seen.len() >= REDELIVERIES_MAX_IDS && !seen.contains_key(id) {
-            seen.clear();
-        }
-        let n = seen.entry(id.to_owned()).or_insert(0);
-        *n += 1;
-        *n
-    }
-
-    /// The message is settled for good: stop counting it.
-    fn forget(&self, id: Option<&str>) {
-        if let Some(id) = id {
-            self.seen
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .remove(id);
-        }
-    }
+    /// The attempts per message, for `max_redeliveries`.
+    pub attempts: Attempts,
 }
 
 /// Consume until a stop is asked for (signal, `Halt`, failure) or a fatal error.
@@ -523,27 +476,25 @@ async fn handle_delivery(
         ctx.stats.count(&queue, Counter::Received);
         let topic = received.message.topic.clone();
         let id = received.id_for_log().to_owned();
-        if let Some(max) = ctx.config.callback.max_redeliveries {
-            let count = ctx
-                .redeliveries
-                .count(&delivery, received.message.id.as_deref());
-            if count > u64::from(max) {
+        let attempt = match ctx.attempts.begin(&received) {
+            Verdict::Hand(key) => key,
+            Verdict::Drop(failed) => {
+                let max = ctx.config.callback.max_redeliveries.unwrap_or_default();
                 tracing::warn!(
-                    "message {id} (topic {topic}) was redelivered {count} times, more than \
-                     max_redeliveries = {max}: dropping it (dead-lettered if queue '{queue}' \
-                     has a dead-letter exchange)"
+                    "message {id} (topic {topic}) was handed to the callback {failed} times \
+                     without being settled (failed, requeued, timed out or crashed fm), more \
+                     than max_redeliveries = {max}: dropping it (dead-lettered if queue \
+                     '{queue}' has a dead-letter exchange)"
                 );
                 settle(&channel, &delivery, Settle::Nack { requeue: false }).await;
                 ctx.stats.count(&queue, Counter::Dropped);
-                ctx.redeliveries.forget(received.message.id.as_deref());
                 return;
             }
-        }
+        };
         tracing::info!("Consuming message from topic {topic} (message id {id})");
         ctx.stats
             .in_flight
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let received_id = received.message.id.clone();
         let started = Instant::now();
         let outcome = if here {
             ctx.handler.handle_here(received)
@@ -558,8 +509,9 @@ async fn handle_delivery(
             Outcome::Ack => {
                 // An ack on a channel that is gone (a lost heartbeat) never reached the broker:
                 // the message comes again, so it was not consumed yet (settle logs why).
-                if settle(&channel, &delivery, Settle::Ack).await {
-                    ctx.redeliveries.forget(received_id.as_deref());
+                let acked = settle(&channel, &delivery, Settle::Ack).await;
+                ctx.attempts.end(attempt, acked);
+                if acked {
                     ctx.stats.count(&queue, Counter::Processed);
                     tracing::info!(
                         "Successfully consumed message from topic {topic} (message id {id})"
@@ -567,12 +519,13 @@ async fn handle_delivery(
                 }
             }
             Outcome::Nack => {
+                ctx.attempts.end(attempt, false);
                 tracing::info!("Returning message id {id} to the queue");
                 settle(&channel, &delivery, Settle::Nack { requeue: true }).await;
                 ctx.stats.count(&queue, Counter::Rejected);
             }
             Outcome::Drop => {
-                ctx.redeliveries.forget(received_id.as_deref());
+                ctx.attempts.end(attempt, true);
                 tracing::info!("Consumer requested message id {id} be dropped");
                 settle(&channel, &delivery, Settle::Nack { requeue: false }).await;
                 ctx.stats.count(&queue, Counter::Dropped);
@@ -582,6 +535,7 @@ async fn handle_delivery(
                 requeue,
                 reason,
             } => {
+                ctx.attempts.end(attempt, !requeue);
                 if requeue {
                     settle(&channel, &delivery, Settle::Nack { requeue: true }).await;
                     ctx.stats.count(&queue, Counter::Rejected);
@@ -602,6 +556,7 @@ async fn handle_delivery(
                 );
             }
             Outcome::Fail(err) => {
+                ctx.attempts.end(attempt, false);
                 tracing::error!("the callback failed on message {id} (topic {topic}): {err}");
                 settle(&channel, &delivery, Settle::Nack { requeue: true }).await;
                 ctx.stats.count(&queue, Counter::Failed);

@@ -18,6 +18,7 @@
 #![deny(unsafe_code)]
 
 pub mod amqp;
+pub mod attempts;
 pub mod callback;
 pub mod check;
 pub mod cli;
@@ -146,12 +147,22 @@ async fn consume_until_stopped(
         shutdown.clone(),
         targets.collect::<Vec<_>>().join(", "),
     );
+    let queues: Vec<&str> = config
+        .queues
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let attempts = attempts::Attempts::open(
+        config.callback.max_redeliveries,
+        attempts::state_folder(|name| std::env::var(name).ok()).as_deref(),
+        &attempts::config_id(&queues),
+    );
     let ctx = Arc::new(consume::Context {
         config,
         handler: Arc::clone(&handler),
         stats,
         shutdown,
-        redeliveries: consume::Redeliveries::default(),
+        attempts,
     });
     let result = consume::run(ctx).await;
     if let Some(notifier) = notifier {

@@ -256,7 +256,7 @@ pub fn metrics_body(stats: &Stats) -> String {
         (
             "fm_messages_dropped_total",
             "Messages rejected without requeue because the callback said Drop or they were \
-             redelivered more than max_redeliveries times.",
+             handed to the callback more than max_redeliveries times.",
             |q| Stats::get(&q.dropped),
         ),
         (

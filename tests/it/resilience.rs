@@ -2,12 +2,15 @@
 //! do to a consumer, and why it never stops fm. After each hostile message the next good one is
 //! consumed and fm is still running.
 
+use std::os::unix::process::ExitStatusExt as _;
+use std::time::Duration;
+
 use lapin::types::FieldTable;
 use serde_json::json;
 
 use crate::exec::{Setup, wait_settled};
-use crate::recorder::{Extra, config, consuming, out_file, wait_for_lines};
-use crate::util;
+use crate::recorder::{Extra, config, consuming, dead_letter_to, out_file, wait_for_lines};
+use crate::util::{self, Fm};
 
 /// A NUL byte cannot go into a command's environment (`FM_TOPIC`, `FM_MESSAGE_ID`); AMQP allows
 /// it in a routing key and a message id. Such a message is the message's fault: dropped (here
@@ -118,4 +121,124 @@ async fn a_plugin_that_never_returns_does_not_keep_fm_from_exiting() {
     // The message was never settled: the broker keeps it for the next consumer.
     b.wait_for_depth(&queue, 1).await;
     b.delete_queue(&queue).await;
+}
+
+/// A native plugin that crashes fm (a segfault) on one message: fm dies with it, and its
+/// supervisor (systemd; here the test) starts it again. The attempts journal in the state
+/// folder counts the crashes, so after `max_redeliveries` the message is dropped with a line
+/// naming it, and fm goes on; the other messages, prefetched while it crashed, are never
+/// counted against (on a quorum queue the broker's `x-delivery-count` would have).
+async fn a_crashing_message_is_dropped_after_max_redeliveries_crashes(quorum: bool) {
+    let Some(b) = util::broker() else { return };
+    let queue = util::unique(if quorum { "crash-quorum" } else { "crash" });
+    let dlq = util::unique("crash-dlq");
+    b.declare_queue(&dlq).await;
+    let (_keep, out) = out_file();
+    let state = tempfile::tempdir().unwrap();
+    let args = dead_letter_to(&dlq)
+        + if quorum {
+            ", \"x-queue-type\" = \"quorum\""
+        } else {
+            ""
+        };
+    let cfg = config(
+        b.url(),
+        &queue,
+        &out,
+        Extra {
+            callback: "max_redeliveries = 2",
+            queue_args: &args,
+            ..Extra::default()
+        },
+    );
+    let fm = || {
+        Fm::new()
+            .config_toml(&cfg)
+            .env("STATE_DIRECTORY", state.path())
+            .arg("consume")
+            .spawn()
+    };
+    let mut first = fm();
+    first.wait_consuming().await;
+    let crash = b
+        .publish_fedora("amq.topic", &format!("{queue}.crash"), &json!({}))
+        .await;
+    let mut innocent = Vec::new();
+    for n in 0..5 {
+        innocent.push(
+            b.publish_fedora("amq.topic", &format!("{queue}.ack"), &json!({ "n": n }))
+                .await,
+        );
+    }
+
+    // Three crashes (the first attempt and two more), then a run that drops the message.
+    let mut proc = first;
+    let mut crashes = 0;
+    loop {
+        let crashed = util::eventually(util::TIMEOUT, async || {
+            if let Some(status) = proc.wait_timeout(Duration::from_millis(20)).await {
+                assert_eq!(
+                    status.signal(),
+                    Some(11),
+                    "fm died of the segfault: {status}"
+                );
+                return Ok(true);
+            }
+            match proc.stderr().contains("without being settled") {
+                true => Ok(false),
+                false => Err(format!(
+                    "fm neither crashed nor dropped:\n{}",
+                    proc.stderr()
+                )),
+            }
+        })
+        .await;
+        if !crashed {
+            break;
+        }
+        crashes += 1;
+        assert!(crashes <= 3, "a crash loop: fm crashed {crashes} times");
+        proc = fm();
+    }
+    assert_eq!(crashes, 3);
+    assert!(
+        proc.stderr().contains(&format!(
+            "message {crash} (topic {queue}.crash) was handed to the callback 3 times without \
+             being settled"
+        )),
+        "{}",
+        proc.stderr()
+    );
+    let lines = wait_for_lines(&proc, &out, 3 + innocent.len()).await;
+    let handled = |id: &str| lines.iter().filter(|l| l["record"]["id"] == id).count();
+    assert_eq!(
+        handled(&crash),
+        3,
+        "handed to the plugin 3 times, then dropped"
+    );
+    for id in &innocent {
+        assert!(handled(id) >= 1, "{id} was handled");
+    }
+    b.wait_for_depth(&dlq, 1).await;
+    let dead = b.get(&dlq).await.expect("the dead-lettered message");
+    assert_eq!(
+        dead.properties.message_id().as_ref().map(|s| s.as_str()),
+        Some(crash.as_str()),
+        "only the crashing message is dead-lettered"
+    );
+    b.wait_for_depth(&queue, 0).await;
+    proc.kill("TERM");
+    proc.wait().await.assert_code(0);
+    b.delete_queue(&queue).await;
+    b.delete_queue(&dlq).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_message_on_a_classic_queue_stops_looping() {
+    a_crashing_message_is_dropped_after_max_redeliveries_crashes(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashing_message_on_a_quorum_queue_is_the_only_one_dropped() {
+    a_crashing_message_is_dropped_after_max_redeliveries_crashes(true).await;
 }
