@@ -337,7 +337,7 @@ async fn a_consumer_that_cannot_register_never_says_ready() {
 // Monitoring
 
 /// Where fm's monitoring listens, read from its log line.
-async fn monitor_addr(fm: &mut FmProcess) -> SocketAddr {
+pub(crate) async fn monitor_addr(fm: &mut FmProcess) -> SocketAddr {
     fm.wait_for_stderr("monitoring on http://").await;
     let err = fm.stderr();
     let rest = &err[err.find("monitoring on http://").unwrap() + "monitoring on http://".len()..];

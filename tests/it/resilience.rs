@@ -242,3 +242,54 @@ async fn a_crashing_message_on_a_classic_queue_stops_looping() {
 async fn a_crashing_message_on_a_quorum_queue_is_the_only_one_dropped() {
     a_crashing_message_is_dropped_after_max_redeliveries_crashes(true).await;
 }
+
+/// Idle connections to the monitoring port once took a file descriptor each, without limit,
+/// until exec mode could not start its command (exit 13). Now at most 64 are served at once
+/// (more wait in the kernel's backlog), and a command that cannot start for want of descriptors
+/// is a passing condition: the message goes back to the queue and is handled once descriptors
+/// are free again. fm runs with a limit of 60 descriptors here, set from outside with prlimit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_out_of_file_descriptors_delays_exec_mode_without_failing_it() {
+    let Some(b) = util::broker() else { return };
+    let s = Setup::new(&b, "exec-fds").await;
+    let command = serde_json::to_string(&[crate::exec::fixture("exec.sh")]).unwrap();
+    let config = s.fm_config(
+        &format!("command = {command}"),
+        "[monitoring]\naddress = \"127.0.0.1\"\nport = 0\n",
+    );
+    let mut fm = s.fm(&config).spawn();
+    fm.wait_consuming().await;
+    let addr = crate::ops::monitor_addr(&mut fm).await;
+    let limited = std::process::Command::new("prlimit")
+        .args(["--nofile=60:60", "--pid", &fm.pid().to_string()])
+        .status()
+        .expect("running prlimit");
+    assert!(limited.success(), "prlimit failed");
+
+    // 100 idle clients: fm takes 64 of them, fewer if its descriptors run out first.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+    }
+    let id = s.publish(&b, "ack", json!({})).await;
+    fm.wait_for_stderr(&format!(
+        "for message {id}: Too many open files (os error 24); returning the message to the \
+         queue and pausing 1 s"
+    ))
+    .await;
+    assert!(!s.out(&format!("{id}.stdin")).exists());
+
+    // The clients leave: descriptors are free again, and the message is handled.
+    drop(idle);
+    util::eventually(util::TIMEOUT, async || {
+        match s.out(&format!("{id}.stdin")).is_file() {
+            true => Ok(()),
+            false => Err(format!("message {id} never handled:\n{}", fm.stderr())),
+        }
+    })
+    .await;
+    wait_settled(&mut fm, 2).await; // the requeue, then the ack
+    fm.kill("TERM");
+    fm.wait().await.assert_code(0);
+    s.cleanup(&b).await;
+}
