@@ -25,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod error;
+pub mod json;
 pub mod logging;
 pub mod message;
 pub mod monitor;

@@ -12,14 +12,15 @@
 //!   keys `body, headers, id, priority, queue, topic`.
 //!
 //! Python's `json.dumps` differs from serde_json's output (`", "` and `": "` separators, ASCII
-//! escapes, float spelling), so [`to_py_json`] writes JSON the way Python does.
-
-use std::fmt::Write as _;
+//! escapes, float spelling), and Python's `json.loads` accepts more (NaN, huge integers, lone
+//! surrogates): bodies are [`crate::json::Json`], read and written the way Python does.
 
 use lapin::types::parsing::{MAX_NESTING_DEPTH, TOO_DEEP};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, message::Delivery};
 use serde_json::{Map, Number, Value};
+
+use crate::json::{self, Json};
 
 /// Header naming the message's schema (fedora-messaging's entry-point name).
 pub const SCHEMA_HEADER: &str = "fedora_messaging_schema";
@@ -57,8 +58,8 @@ pub struct Message {
     pub id: Option<String>,
     /// The AMQP headers, as JSON.
     pub headers: Map<String, Value>,
-    /// The body: a JSON object once validated.
-    pub body: Value,
+    /// The body: a JSON object once validated, held as Python holds it.
+    pub body: Json,
     /// The queue it was consumed from; `None` for messages that were not consumed.
     pub queue: Option<String>,
     /// The AMQP priority; `None` when not set (fedora-messaging reports that as 0).
@@ -78,20 +79,25 @@ impl Message {
     /// fedora-messaging's `dumps` writes it.
     pub fn record_line(&self) -> String {
         // Built as a JSON object and written with sorted keys, like Python's sort_keys=True.
-        let mut m = Map::new();
-        m.insert("body".into(), self.body.clone());
-        m.insert("headers".into(), Value::Object(self.headers.clone()));
-        m.insert(
-            "id".into(),
-            self.id.clone().map_or(Value::Null, Value::from),
-        );
-        m.insert("priority".into(), Value::from(self.priority.unwrap_or(0)));
-        m.insert(
-            "queue".into(),
-            self.queue.clone().map_or(Value::Null, Value::from),
-        );
-        m.insert("topic".into(), Value::from(self.topic.clone()));
-        to_py_json(&Value::Object(m), true, false)
+        let text = |s: &str| Json::Str(s.into());
+        let record = Json::Object(vec![
+            ("body".into(), self.body.clone()),
+            (
+                "headers".into(),
+                Json::from(&Value::Object(self.headers.clone())),
+            ),
+            ("id".into(), self.id.as_deref().map_or(Json::Null, text)),
+            (
+                "priority".into(),
+                Json::Int(self.priority.unwrap_or(0).to_string()),
+            ),
+            (
+                "queue".into(),
+                self.queue.as_deref().map_or(Json::Null, text),
+            ),
+            ("topic".into(), text(&self.topic)),
+        ]);
+        record.to_python(true, false)
     }
 
     /// Check the headers and body against fedora-messaging's base schemas: the body is a JSON
@@ -100,7 +106,7 @@ impl Message {
         if !self.body.is_object() {
             return Err(format!(
                 "the body must be a JSON object, not {}",
-                json_type_name(&self.body)
+                self.body.type_name()
             ));
         }
         validate_headers(&self.headers)
@@ -110,12 +116,22 @@ impl Message {
     /// only `topic` and `body` are required; `id`, `headers` (with `sent-at`), `queue` and
     /// `priority` are kept when present. The headers fm adds on publish are filled in by
     /// [`Message::prepare_for_publish`].
-    pub fn from_record(value: Value) -> Result<Message, String> {
-        let Value::Object(mut obj) = value else {
+    pub fn from_record(mut record: Json) -> Result<Message, String> {
+        if !record.is_object() {
             return Err(format!(
                 "a message must be a JSON object, not {}",
-                json_type_name(&value)
+                record.type_name()
             ));
+        }
+        let body = record
+            .take("body")
+            .ok_or_else(|| "'body' is a required property".to_string())?;
+        // The rest becomes AMQP values and log text: serde_json's model is enough for it.
+        let value = record
+            .to_value()
+            .map_err(|e| format!("the message's fields: {e}"))?;
+        let Value::Object(mut obj) = value else {
+            unreachable!("checked: an object");
         };
         let topic = match obj.remove("topic") {
             Some(Value::String(t)) => t,
@@ -127,9 +143,6 @@ impl Message {
             }
             None => return Err("'topic' is a required property".into()),
         };
-        let body = obj
-            .remove("body")
-            .ok_or_else(|| "'body' is a required property".to_string())?;
         let headers = match obj.remove("headers") {
             None | Some(Value::Null) => Map::new(),
             Some(Value::Object(h)) => h,
@@ -185,7 +198,7 @@ impl Message {
     /// A new message to publish, with the headers fedora-messaging's `Message` builds.
     pub fn new_outgoing(
         topic: String,
-        body: Value,
+        body: Json,
         mut headers: Map<String, Value>,
         schema: &str,
         severity: i64,
@@ -257,7 +270,7 @@ impl Message {
 
     /// The encoded body: Python's `json.dumps(body).encode("utf-8")`.
     pub fn encoded_body(&self) -> Vec<u8> {
-        to_py_json(&self.body, false, true).into_bytes()
+        self.body.to_python(false, true).into_bytes()
     }
 
     /// The AMQP properties fedora-messaging publishes with.
@@ -345,8 +358,8 @@ impl Received {
         }
         let text = std::str::from_utf8(&delivery.data)
             .map_err(|e| invalid(format!("the body is not valid UTF-8: {e}")))?;
-        let body: Value = serde_json::from_str(text)
-            .map_err(|e| invalid(format!("the body is not valid JSON: {e}")))?;
+        let body =
+            json::parse(text).map_err(|e| invalid(format!("the body is not valid JSON: {e}")))?;
         let message = Message {
             topic: topic.to_owned(),
             id: id.clone(),
@@ -615,131 +628,6 @@ fn json_to_amqp(v: &Value) -> Result<AMQPValue, String> {
     })
 }
 
-/// Serialise JSON exactly as Python's `json.dumps(value, sort_keys=…, ensure_ascii=…)` does
-/// with its default separators (`", "` and `": "`).
-pub fn to_py_json(value: &Value, sort_keys: bool, ensure_ascii: bool) -> String {
-    let mut out = String::with_capacity(256);
-    write_py_json(&mut out, value, sort_keys, ensure_ascii);
-    out
-}
-
-fn write_py_json(out: &mut String, value: &Value, sort_keys: bool, ensure_ascii: bool) {
-    match value {
-        Value::Null => out.push_str("null"),
-        Value::Bool(true) => out.push_str("true"),
-        Value::Bool(false) => out.push_str("false"),
-        Value::Number(n) => write_py_number(out, n),
-        Value::String(s) => write_py_string(out, s, ensure_ascii),
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_py_json(out, item, sort_keys, ensure_ascii);
-            }
-            out.push(']');
-        }
-        Value::Object(map) => {
-            out.push('{');
-            let mut entries: Vec<(&String, &Value)> = map.iter().collect();
-            if sort_keys {
-                // Python sorts str keys by code point; Rust's str order is the same (UTF-8
-                // byte order preserves code-point order).
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-            }
-            for (i, (k, v)) in entries.into_iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                write_py_string(out, k, ensure_ascii);
-                out.push_str(": ");
-                write_py_json(out, v, sort_keys, ensure_ascii);
-            }
-            out.push('}');
-        }
-    }
-}
-
-fn write_py_number(out: &mut String, n: &Number) {
-    if let Some(i) = n.as_i64() {
-        let _ = write!(out, "{i}");
-    } else if let Some(u) = n.as_u64() {
-        let _ = write!(out, "{u}");
-    } else if let Some(f) = n.as_f64() {
-        out.push_str(&py_float_repr(f));
-    }
-}
-
-/// Python's `repr(float)`: the shortest round-trip digits, in positional notation when the
-/// decimal exponent is in -4..16, otherwise as `d.ddde±XX`.
-fn py_float_repr(f: f64) -> String {
-    if f.is_nan() {
-        return "NaN".into();
-    }
-    if f.is_infinite() {
-        return if f > 0.0 { "Infinity" } else { "-Infinity" }.into();
-    }
-    // Rust's `{:e}` gives the shortest round-trip digits: "-1.2345e-7", "1e16".
-    let sci = format!("{f:e}");
-    let (mantissa, exp) = sci.split_once('e').expect("{:e} always has an exponent");
-    let exp: i32 = exp.parse().expect("{:e} exponent is an integer");
-    let (sign, mantissa) = match mantissa.strip_prefix('-') {
-        Some(m) => ("-", m),
-        None => ("", mantissa),
-    };
-    let digits: String = mantissa.chars().filter(|c| *c != '.').collect();
-    if (-4..16).contains(&exp) {
-        let point = exp + 1; // digits before the decimal point
-        if point <= 0 {
-            format!("{sign}0.{}{digits}", "0".repeat((-point) as usize))
-        } else if point as usize >= digits.len() {
-            format!(
-                "{sign}{digits}{}.0",
-                "0".repeat(point as usize - digits.len())
-            )
-        } else {
-            let (int, frac) = digits.split_at(point as usize);
-            format!("{sign}{int}.{frac}")
-        }
-    } else {
-        let (first, rest) = digits.split_at(1);
-        let frac = if rest.is_empty() {
-            String::new()
-        } else {
-            format!(".{rest}")
-        };
-        let esign = if exp < 0 { '-' } else { '+' };
-        format!("{sign}{first}{frac}e{esign}{:02}", exp.abs())
-    }
-}
-
-fn write_py_string(out: &mut String, s: &str, ensure_ascii: bool) {
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            '\u{08}' => out.push_str("\\b"),
-            '\u{0c}' => out.push_str("\\f"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c if ensure_ascii && (c as u32) > 0x7e => {
-                let mut buf = [0u16; 2];
-                for unit in c.encode_utf16(&mut buf) {
-                    let _ = write!(out, "\\u{unit:04x}");
-                }
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -751,43 +639,9 @@ mod tests {
     ));
 
     #[test]
-    fn python_json_uses_python_separators_and_escapes() {
-        let v = json!({"b": [1, 2.5, true, null], "a": "é\n\"x\"\u{7f}😀"});
-        assert_eq!(
-            to_py_json(&v, true, true),
-            r#"{"a": "\u00e9\n\"x\"\u007f\ud83d\ude00", "b": [1, 2.5, true, null]}"#
-        );
-        assert_eq!(
-            to_py_json(&v, false, false),
-            "{\"b\": [1, 2.5, true, null], \"a\": \"é\\n\\\"x\\\"\u{7f}😀\"}"
-        );
-        assert_eq!(to_py_json(&json!({}), true, true), "{}");
-        assert_eq!(to_py_json(&json!([]), true, true), "[]");
-    }
-
-    #[test]
-    fn python_float_repr() {
-        for (f, want) in [
-            (1.0, "1.0"),
-            (0.1, "0.1"),
-            (-2.5, "-2.5"),
-            (1e16, "1e+16"),
-            (1.5e16, "1.5e+16"),
-            (123456789012345.6, "123456789012345.6"),
-            (0.0001, "0.0001"),
-            (0.00001, "1e-05"),
-            (1.5e-7, "1.5e-07"),
-            (1e100, "1e+100"),
-            (100.0, "100.0"),
-        ] {
-            assert_eq!(py_float_repr(f), want, "{f}");
-        }
-    }
-
-    #[test]
     fn record_line_round_trips_the_fixture_adding_priority_and_sorting_keys() {
         let line = GOOD_DUMP.trim_end();
-        let msg = Message::from_record(serde_json::from_str(line).unwrap()).unwrap();
+        let msg = Message::from_record(json::parse(line).unwrap()).unwrap();
         assert_eq!(msg.topic, "test_topic");
         assert_eq!(
             msg.id.as_deref(),
@@ -802,7 +656,7 @@ mod tests {
 
     #[test]
     fn from_record_refuses_what_load_message_refuses() {
-        let err = |v: Value| Message::from_record(v).unwrap_err();
+        let err = |v: Value| Message::from_record(v.into()).unwrap_err();
         assert!(err(json!({"body": {}})).contains("'topic' is a required property"));
         assert!(err(json!({"topic": "t"})).contains("'body' is a required property"));
         assert!(err(json!({"topic": "t", "body": []})).contains("body must be a JSON object"));
@@ -817,7 +671,7 @@ mod tests {
 
     #[test]
     fn prepare_for_publish_keeps_id_and_sent_at_and_fills_the_rest() {
-        let mut msg = Message::from_record(json!({"topic": "t", "body": {"k": 1}})).unwrap();
+        let mut msg = Message::from_record(json!({"topic": "t", "body": {"k": 1}}).into()).unwrap();
         msg.prepare_for_publish();
         assert_eq!(msg.headers[SCHEMA_HEADER], "base.message");
         // fedora-messaging 3.9 publishes base messages with the package named.
@@ -833,7 +687,7 @@ mod tests {
             "{sent_at}"
         );
 
-        let mut kept = Message::from_record(serde_json::from_str(GOOD_DUMP).unwrap()).unwrap();
+        let mut kept = Message::from_record(json::parse(GOOD_DUMP.trim_end()).unwrap()).unwrap();
         kept.prepare_for_publish();
         assert_eq!(
             kept.id.as_deref(),
@@ -846,7 +700,7 @@ mod tests {
     fn outgoing_messages_carry_fedora_messaging_properties() {
         let msg = Message::new_outgoing(
             "app.event".into(),
-            json!({"b": 1, "a": "ü"}),
+            json!({"b": 1, "a": "ü"}).into(),
             Map::new(),
             BASE_SCHEMA,
             WARNING,
@@ -873,7 +727,14 @@ mod tests {
         assert_eq!(headers[SCHEMA_HEADER], "base.message");
         assert_eq!(headers[SCHEMA_PACKAGE_HEADER], "fedora_messaging");
         // Another schema: fm does not know its package, and does not make one up.
-        let other = Message::new_outgoing("t".into(), json!({}), Map::new(), "bodhi.x", INFO, None);
+        let other = Message::new_outgoing(
+            "t".into(),
+            json!({}).into(),
+            Map::new(),
+            "bodhi.x",
+            INFO,
+            None,
+        );
         assert!(!other.headers.contains_key(SCHEMA_PACKAGE_HEADER));
     }
 

@@ -102,12 +102,12 @@ async fn adhoc_message(config: &Config, args: &PublishArgs) -> anyhow::Result<Me
             text
         }
     };
-    let body: Value = serde_json::from_str(&body_text)
+    let body = crate::json::parse(&body_text)
         .map_err(|e| usage(anyhow!("the body is not valid JSON: {e}")))?;
     if !body.is_object() {
         return Err(usage(anyhow!(
             "the body must be a JSON object ({{...}}), not {}",
-            message::json_type_name(&body)
+            body.type_name()
         )));
     }
     let mut headers = Map::new();
@@ -177,14 +177,8 @@ pub fn parse_line(raw: &[u8]) -> Result<Message, String> {
             "the line is empty: every line must hold one JSON object (remove blank lines)".into(),
         );
     }
-    let value: Value = serde_json::from_str(text).map_err(|e| {
-        let full = e.to_string();
-        let what = full
-            .strip_suffix(&format!(" at line {} column {}", e.line(), e.column()))
-            .unwrap_or(&full);
-        format!("not valid JSON: {what} at column {}", e.column())
-    })?;
-    let mut msg = Message::from_record(value)?;
+    let record = crate::json::parse(text).map_err(|e| format!("not valid JSON: {e}"))?;
+    let mut msg = Message::from_record(record)?;
     msg.prepare_for_publish();
     Ok(msg)
 }
@@ -1344,7 +1338,7 @@ mod tests {
     fn lines_may_end_with_crlf_or_nothing_and_keep_unicode_separators() {
         let msg =
             parse_line(b"{\"topic\": \"t\", \"body\": {\"k\": \"a\xe2\x80\xa8b\"}}\r\n").unwrap();
-        assert_eq!(msg.body, json!({"k": "a\u{2028}b"}));
+        assert_eq!(msg.body, json!({"k": "a\u{2028}b"}).into());
         let msg = parse_line(br#"{"topic": "t", "body": {}}"#).unwrap();
         assert_eq!(msg.topic, "t");
         // A new UUID4 id and a sent-at are given to a line without them.

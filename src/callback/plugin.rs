@@ -465,7 +465,7 @@ mod tests {
     //! workspace's Rust plugins, and a Rust plugin that panics.
     use super::*;
     use crate::error::exit_code_of;
-    use crate::message::{Message, Received, to_py_json};
+    use crate::message::{Message, Received};
     use serde_json::json;
     use std::io;
     use std::process::Command;
@@ -574,13 +574,13 @@ mod tests {
             .as_object()
             .unwrap()
             .clone(),
-            body: json!({"test_key1": "test_value1", "ünï": [1, 2.5]}),
+            body: json!({"test_key1": "test_value1", "ünï": [1, 2.5]}).into(),
             queue: Some("test_queue".to_owned()),
             priority: Some(4),
         };
         Received {
             // What a Python publisher sends: default separators, ensure_ascii.
-            raw_body: to_py_json(&message.body, false, true).into_bytes(),
+            raw_body: message.encoded_body(),
             record: message.record_line(),
             message,
             exchange: "amq.topic".to_owned(),
@@ -594,7 +594,7 @@ mod tests {
             topic: topic.to_owned(),
             id: None,
             headers: Default::default(),
-            body: json!({}),
+            body: json!({}).into(),
             queue: None,
             priority: None,
         };
@@ -1107,13 +1107,14 @@ mod tests {
         .as_object()
         .unwrap()
         .clone();
-        first.message.body = json!({"test_key1": "test_value1"});
+        first.message.body = json!({"test_key1": "test_value1"}).into();
         first.record = first.message.record_line();
         let mut second = bare("org.fedoraproject.prod.bodhi.update.comment");
         second.message.body = json!({
             "b": [1, {}, [], 2.5, 1e16, null, true],
             "a": {"z": "é😀\u{7f}\n\"\\/", "ä": -0.0, "n": {"y": 1e-05, "x": -12}},
-        });
+        })
+        .into();
         second.record = second.message.record_line();
         vec![first, second]
     }

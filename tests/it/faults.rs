@@ -81,7 +81,7 @@ async fn publish_many(url: &str, key: &str, n: usize, body: &Value) -> BTreeSet<
     for _ in 0..n {
         let msg = fm::message::Message::new_outgoing(
             key.to_owned(),
-            body.clone(),
+            body.into(),
             serde_json::Map::new(),
             fm::message::BASE_SCHEMA,
             fm::message::INFO,

@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::time::Duration;
 
+use lapin::BasicProperties;
+use lapin::types::AMQPValue;
 use serde_json::json;
 
 use crate::publish::{Peer, exchange_and_queue, lines, queue_config, wait_for_lines};
@@ -291,6 +293,67 @@ routing_keys = ["fm.test.nothing"]
         got[0]
     );
     for q in [queue, sink] {
+        b.delete_queue(&q).await;
+    }
+    b.delete_exchange(&exchange).await;
+}
+
+/// Issue 17: bodies Python's json accepts beyond strict JSON — NaN, infinities (1e400), an
+/// integer beyond 64 bits, a lone surrogate — were dropped as invalid or changed (the integer
+/// became `1.2345678901234568e+29`). fm now records them as fedora-messaging does; the lone
+/// surrogate, which fedora-messaging cannot even write to its file, fm writes escaped.
+#[tokio::test]
+async fn bodies_beyond_strict_json_are_recorded_as_python_reads_them() {
+    let Some(b) = broker() else { return };
+    let (exchange, q_fm) = exchange_and_queue(&b, "rec-py-json").await;
+    let q_py = b.unique("rec-py-json-py");
+    b.declare_queue(&q_py).await;
+    b.bind(&q_py, &exchange, "#").await;
+    let headers = crate::util::field_table([
+        (
+            "fedora_messaging_schema",
+            AMQPValue::LongString("base.message".into()),
+        ),
+        ("fedora_messaging_severity", AMQPValue::LongInt(20)),
+        (
+            "sent-at",
+            AMQPValue::LongString("2026-11-26T00:00:00+00:00".into()),
+        ),
+    ]);
+    let bodies: [&[u8]; 2] = [
+        br#"{"nan": NaN, "inf": 1e400, "ninf": -Infinity, "big": 123456789012345678901234567890, "neg0": -0, "f": 1E5}"#,
+        br#"{"s": "x\ud800y"}"#,
+    ];
+    for (n, body) in bodies.iter().enumerate() {
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_content_encoding("utf-8".into())
+            .with_message_id(format!("py-json-{n}").as_str().into())
+            .with_headers(headers.clone());
+        b.publish(&exchange, "org.example.py", body, props).await;
+    }
+
+    let from_fm = fm_record(&queue_config(&b, &exchange, &q_fm), 2).await;
+    assert_eq!(
+        from_fm[0],
+        format!(
+            r#"{{"body": {{"big": 123456789012345678901234567890, "f": 100000.0, "inf": Infinity, "nan": NaN, "neg0": 0, "ninf": -Infinity}}, "headers": {{"fedora_messaging_schema": "base.message", "fedora_messaging_severity": 20, "sent-at": "2026-11-26T00:00:00+00:00"}}, "id": "py-json-0", "priority": 0, "queue": "{q_fm}", "topic": "org.example.py"}}"#
+        )
+    );
+    assert!(
+        from_fm[1].starts_with(r#"{"body": {"s": "x\ud800y"}, "#),
+        "{}",
+        from_fm[1]
+    );
+    // fedora-messaging's own record of the first one is the same line.
+    let peer = Peer::new(&b);
+    let from_python = python_record(&peer, &queue_config(&b, &exchange, &q_py), 1).await;
+    assert_eq!(
+        from_python[0].replace(&q_py, &q_fm),
+        from_fm[0],
+        "fm and fedora-messaging record the same line"
+    );
+    for q in [q_fm, q_py] {
         b.delete_queue(&q).await;
     }
     b.delete_exchange(&exchange).await;
