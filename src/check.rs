@@ -23,6 +23,7 @@ use lapin::{Connection, ExchangeKind};
 use crate::amqp::{Connector, errors};
 use crate::callback::exec::find_program;
 use crate::callback::plugin::Plugin;
+use crate::callback::python::check_callback_file;
 use crate::config::{CallbackKind, CommandMode, Config};
 use crate::error::{code, exit_code_of};
 
@@ -184,13 +185,9 @@ async fn check_python(target: &str, interpreter: &str, report: &mut Report) {
     let module = target.rsplit_once(':').map_or(target, |(m, _)| m);
     if module.ends_with(".py") {
         // --callback-file: the file is executed at start, not imported.
-        if std::path::Path::new(module).is_file() {
-            report.ok(format!("callback: python file {module} exists"));
-        } else {
-            report.fail(
-                code::FAILURE,
-                format!("callback: python {target}: {module} is not a file"),
-            );
+        match check_callback_file(target) {
+            Ok(()) => report.ok(format!("callback: python file {module} exists")),
+            Err(e) => report.fail(code::USAGE, format!("callback: python {target}: {e:#}")),
         }
         return;
     }

@@ -37,7 +37,9 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use tracing::level_filters::LevelFilter;
 
+use crate::amqp::url::redact;
 use crate::error::{Exit, code};
+use crate::limits;
 
 /// The environment variable that names the configuration file (fedora-messaging's).
 pub const ENV_CONF: &str = "FEDORA_MESSAGING_CONF";
@@ -407,17 +409,22 @@ impl Config {
                 (default_path, "the default location")
             }
         };
-        if !path.is_file() {
-            return Err(usage(format!(
-                "{} is not a file (from {from}); give the path of a TOML configuration file",
-                path.display()
-            )));
-        }
         tracing::info!("loading configuration from {}", path.display());
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let bytes = limits::read_bounded(
+            path,
+            limits::MAX_FILE_BYTES,
+            &format!("the configuration file (from {from})"),
+        )
+        .map_err(|e| usage(format!("{e:#}; give the path of a TOML configuration file")))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
             usage(format!(
-                "{}: cannot read the configuration file: {e}",
-                path.display()
+                "{}: line {}: the configuration file is not UTF-8 text",
+                path.display(),
+                line_col(
+                    &String::from_utf8_lossy(&e.as_bytes()[..e.utf8_error().valid_up_to()]),
+                    usize::MAX
+                )
+                .0
             ))
         })?;
         Self::from_toml_str(&text, Some(path))
@@ -832,22 +839,17 @@ impl<'t> Parser<'t> {
             .collect()
     }
 
-    fn seconds(&self, key: &str, v: &Item<'t>, zero_ok: bool) -> anyhow::Result<Duration> {
-        let secs: f64 = self.de(key, v)?;
-        match Duration::try_from_secs_f64(secs) {
-            Ok(d) if zero_ok || !d.is_zero() => Ok(d),
-            _ => Err(self.err(
+    /// A number of seconds (see [`limits::seconds`]); `what` names the key in errors, which
+    /// quote the value as written (`1e19`, `nan`).
+    fn seconds(&self, what: &str, v: &Item<'t>, zero_ok: bool) -> anyhow::Result<Duration> {
+        let secs: f64 = self.de(what, v)?;
+        limits::seconds(secs, zero_ok).map_err(|requirement| {
+            let written = self.text.get(v.span()).unwrap_or_default().trim();
+            self.err(
                 v.span(),
-                format!(
-                    "{key} must be a number of seconds {}, not {secs}",
-                    if zero_ok {
-                        "(0 or more)"
-                    } else {
-                        "greater than 0"
-                    }
-                ),
-            )),
-        }
+                format!("{what} must be {requirement}, not {written}"),
+            )
+        })
     }
 
     fn client_properties(&self, v: &Item<'t>) -> anyhow::Result<Map<String, Value>> {
@@ -1137,7 +1139,8 @@ impl<'t> Parser<'t> {
             mode: Option<Spanned<String>>,
             interpreter: Option<Spanned<String>>,
             concurrency: Option<Spanned<i64>>,
-            timeout: Option<Spanned<f64>>,
+            #[serde(rename = "timeout")]
+            _timeout: Option<serde::de::IgnoredAny>,
             on_error: Option<Spanned<String>>,
             max_redeliveries: Option<Spanned<i64>>,
         }
@@ -1244,7 +1247,7 @@ impl<'t> Parser<'t> {
                     )
                 })?;
         }
-        if let Some(t) = raw.timeout {
+        if let Some(t) = table.get("timeout") {
             if matches!(cb.kind, Some(CallbackKind::Plugin { .. })) {
                 return Err(self.err(
                     t.span(),
@@ -1252,21 +1255,7 @@ impl<'t> Parser<'t> {
                      in-process and cannot be interrupted",
                 ));
             }
-            cb.timeout = Some(
-                Duration::try_from_secs_f64(*t.get_ref())
-                    .ok()
-                    .filter(|d| !d.is_zero())
-                    .ok_or_else(|| {
-                        self.err(
-                            t.span(),
-                            format!(
-                                "[callback] timeout must be a number of seconds greater than 0, \
-                                 not {}",
-                                t.get_ref()
-                            ),
-                        )
-                    })?,
-            );
+            cb.timeout = Some(self.seconds("[callback] timeout", t, false)?);
         }
         if let Some(e) = raw.on_error {
             cb.on_error = match e.get_ref().as_str() {
@@ -2170,11 +2159,25 @@ mod tests {
             ),
             (
                 "command = [\"x\"]\ntimeout = 0",
-                "timeout must be a number of seconds greater than 0, not 0",
+                "line 3, column 11: [callback] timeout must be a number of seconds from 0.001 to \
+                 86400 (1 day), not 0",
             ),
             (
                 "command = [\"x\"]\ntimeout = -2.5",
-                "greater than 0, not -2.5",
+                "from 0.001 to 86400 (1 day), not -2.5",
+            ),
+            (
+                "command = [\"x\"]\nmode = \"worker\"\ntimeout = 1e19",
+                "line 4, column 11: [callback] timeout must be a number of seconds from 0.001 to \
+                 86400 (1 day), not 1e19",
+            ),
+            (
+                "python = \"a:b\"\ntimeout = nan",
+                "[callback] timeout must be",
+            ),
+            (
+                "command = [\"x\"]\ntimeout = \"10\"",
+                "[callback] timeout: invalid type: string",
             ),
             (
                 "command = [\"x\"]\nconcurrency = 0",
@@ -2397,10 +2400,16 @@ mod tests {
             let err = Config::load_from(explicit, env, Path::new("/nonexistent")).unwrap_err();
             assert_eq!(exit_code_of(&err), code::USAGE);
             let path = explicit.or(env).unwrap();
+            let why = if path.exists() {
+                "is not a regular file: it is a directory"
+            } else {
+                "cannot be read: no such file or directory"
+            };
             assert_eq!(
                 format!("{err:#}"),
                 format!(
-                    "{} is not a file (from {from}); give the path of a TOML configuration file",
+                    "the configuration file (from {from}) {} {why}; give the path of a TOML \
+                     configuration file",
                     path.display()
                 )
             );
@@ -2409,7 +2418,40 @@ mod tests {
         let err = Config::load_from(None, None, dir.path()).unwrap_err();
         assert_contains(
             &format!("{err:#}"),
-            &["is not a file (from the default location)"],
+            &[
+                "the configuration file (from the default location)",
+                "is not a regular file",
+            ],
+        );
+    }
+
+    #[test]
+    fn the_configuration_file_is_a_regular_file_of_at_most_1_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, why) in [
+            (
+                Path::new("/dev/zero"),
+                "is not a regular file: it is a character device",
+            ),
+            (
+                Path::new("/dev/urandom"),
+                "is not a regular file: it is a character device",
+            ),
+        ] {
+            let err = Config::load_from(Some(path), None, Path::new("/nonexistent")).unwrap_err();
+            assert_eq!(exit_code_of(&err), code::USAGE);
+            assert_contains(&format!("{err:#}"), &[&path.display().to_string(), why]);
+        }
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, format!("# {}\n", "x".repeat(1 << 20))).unwrap();
+        let err = Config::load_from(Some(&big), None, Path::new("/nonexistent")).unwrap_err();
+        assert_contains(&format!("{err:#}"), &["big.toml is larger than 1 MiB"]);
+        let latin1 = dir.path().join("latin1.toml");
+        std::fs::write(&latin1, b"topic_prefix = \"a\"\n# caf\xe9\n").unwrap();
+        let err = Config::load_from(Some(&latin1), None, Path::new("/nonexistent")).unwrap_err();
+        assert_contains(
+            &format!("{err:#}"),
+            &["latin1.toml: line 2: the configuration file is not UTF-8"],
         );
     }
 

@@ -11,6 +11,7 @@
 //! - [`callback`]: what messages are handed to (native plugins, commands, workers, Python).
 //! - [`shutdown`]: the one stop path every loop listens to; [`stats`]: shared counters.
 //! - [`error`]: exit codes; only `main` turns an error into one.
+//! - [`limits`]: the bounds on durations and files the configuration and command line name.
 //! - [`logging`]: tracing to stderr, levels from `log_config`, `-v`/`-q` and `FM_LOG`.
 //! - Operations: [`monitor`] (HTTP `/live`, `/ready`, `/metrics`), [`notify`] (systemd
 //!   readiness, status and watchdog), [`check`] (`fm check`).
@@ -24,6 +25,7 @@ pub mod cli;
 pub mod config;
 pub mod consume;
 pub mod error;
+pub mod limits;
 pub mod logging;
 pub mod message;
 pub mod monitor;

@@ -10,17 +10,19 @@
 //! | parameter | meaning in fm |
 //! |---|---|
 //! | `heartbeat` (`heartbeat_interval`) | seconds, 1–65535; the broker's value wins when lower. `0` (pika: no heartbeats) is refused: lapin cannot switch heartbeats off |
-//! | `connection_timeout`, `stack_timeout` | the whole attempt (TCP, TLS, AMQP handshake), seconds; overrides the top-level `connection_timeout` |
-//! | `socket_timeout` | the name lookup and TCP connect only, seconds |
+//! | `connection_timeout`, `stack_timeout` | the whole attempt (TCP, TLS, AMQP handshake), seconds (0.001 to 86400); overrides the top-level `connection_timeout` |
+//! | `socket_timeout` | the name lookup and TCP connect only, seconds (0.001 to 86400) |
 //! | `connection_attempts` | attempts on this URL per round (default 1) |
-//! | `retry_delay` | seconds between two attempts on this URL (default 2) |
+//! | `retry_delay` | seconds between two attempts on this URL, 0 to 86400 (default 2) |
 //! | `channel_max`, `frame_max` | proposed to the broker (1–65535; 4096–131072 bytes) |
 //! | `auth_mechanism` | `plain`, `amqplain` or `external` (default: EXTERNAL when `[tls]` has a client certificate, else PLAIN) |
 //! | `locale`, `blocked_connection_timeout` | accepted, no effect |
 //! | `ssl_options`, `client_properties`, `tcp_options`, others | refused, naming the `[tls]` / `[client_properties]` table to use instead |
 //!
-//! Passwords never reach a log or an error: [`redact`] replaces them with `***`, and
-//! [`BrokerUrl`]'s `Debug` shows only the redacted URL.
+//! Passwords never reach a log or an error: [`redact`], the one redactor, replaces them with
+//! `***` even in a URL that does not parse, [`BrokerUrl`]'s `Debug` shows only the redacted
+//! URL, and a URL whose user information cannot be told apart from its host or vhost (an `@`
+//! after the host part) is refused before any part of it is shown.
 
 use std::time::Duration;
 
@@ -28,6 +30,8 @@ use anyhow::{Context, bail};
 use lapin::uri::{
     AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo, SASLMechanism,
 };
+
+use crate::limits;
 
 /// The frame size fm proposes when the URL does not set `frame_max` (pika's default).
 pub const DEFAULT_FRAME_MAX: u32 = 131_072;
@@ -172,14 +176,14 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
             }
             "connection_timeout" | "stack_timeout" => {
                 connection_timeout = Some(
-                    positive_seconds(&value)
-                        .ok_or_else(|| bad("must be a number of seconds greater than 0"))?,
+                    limits::parse_seconds(&value, false)
+                        .map_err(|r| bad(&format!("must be {r}")))?,
                 );
             }
             "socket_timeout" => {
                 socket_timeout = Some(
-                    positive_seconds(&value)
-                        .ok_or_else(|| bad("must be a number of seconds greater than 0"))?,
+                    limits::parse_seconds(&value, false)
+                        .map_err(|r| bad(&format!("must be {r}")))?,
                 );
             }
             "connection_attempts" => {
@@ -190,11 +194,8 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
                     .ok_or_else(|| bad("must be a whole number of at least 1"))?;
             }
             "retry_delay" => {
-                retry_delay = value
-                    .parse()
-                    .ok()
-                    .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-                    .ok_or_else(|| bad("must be a number of seconds, 0 or more"))?;
+                retry_delay = limits::parse_seconds(&value, true)
+                    .map_err(|r| bad(&format!("must be {r}")))?;
             }
             "channel_max" => {
                 query.channel_max = Some(
@@ -268,14 +269,6 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
         connection_attempts,
         retry_delay,
     })
-}
-
-/// A number of seconds greater than 0 (pika accepts fractions).
-fn positive_seconds(value: &str) -> Option<Duration> {
-    let secs: f64 = value.parse().ok()?;
-    Duration::try_from_secs_f64(secs)
-        .ok()
-        .filter(|d| !d.is_zero())
 }
 
 #[cfg(test)]
@@ -452,12 +445,18 @@ mod tests {
             Duration::ZERO
         );
         for (query, expected) in [
-            ("connection_timeout=0", "greater than 0"),
-            ("socket_timeout=-1", "greater than 0"),
-            ("connection_timeout=inf", "greater than 0"),
+            ("connection_timeout=0", "from 0.001 to 86400 (1 day)"),
+            ("socket_timeout=-1", "from 0.001 to 86400 (1 day)"),
+            ("connection_timeout=inf", "from 0.001 to 86400 (1 day)"),
+            ("connection_timeout=1e19", "from 0.001 to 86400 (1 day)"),
+            ("stack_timeout=nan", "from 0.001 to 86400 (1 day)"),
+            ("socket_timeout=1e19", "from 0.001 to 86400 (1 day)"),
+            ("socket_timeout=soon", "from 0.001 to 86400 (1 day)"),
             ("connection_attempts=0", "at least 1"),
-            ("retry_delay=-1", "0 or more"),
-            ("retry_delay=1e300", "0 or more"),
+            ("retry_delay=-1", "from 0 to 86400 (1 day)"),
+            ("retry_delay=1e300", "from 0 to 86400 (1 day)"),
+            ("retry_delay=1e19", "from 0 to 86400 (1 day)"),
+            ("retry_delay=86401", "from 0 to 86400 (1 day)"),
             ("channel_max=0", "1 to 65535"),
             ("frame_max=100", "4096 to 131072"),
             ("auth_mechanism=gssapi", "external, plain or amqplain"),

@@ -30,7 +30,8 @@ use tracing::level_filters::LevelFilter;
 
 use super::worker::{Pool, Spec, Transport};
 use crate::config::{Config, LogConfig};
-use crate::error::{Exit, exit_code_of};
+use crate::error::{Exit, code, exit_code_of};
+use crate::limits;
 use crate::shutdown::Shutdown;
 
 /// The shim's source, embedded at build time.
@@ -80,6 +81,7 @@ pub async fn start(
     interpreter: &Path,
     shutdown: Shutdown,
 ) -> anyhow::Result<Pool> {
+    check_callback_file(target).map_err(|e| Exit::new(code::USAGE, e))?;
     Pool::start(
         spec(config, target, interpreter),
         &config.callback,
@@ -100,6 +102,24 @@ pub async fn start(
             ),
         )
     })
+}
+
+/// The file of a `path/to/file.py:attribute` target (`--callback-file`, or `[callback] python`
+/// naming a file), which the shim executes: a regular file of at most 1 MiB, so that a FIFO or
+/// a device is refused with its name instead of hanging the interpreter. A module target has
+/// no file to check.
+pub fn check_callback_file(target: &str) -> anyhow::Result<()> {
+    match target.rsplit_once(':') {
+        Some((file, _)) if file.ends_with(".py") => {
+            limits::check_file(
+                Path::new(file),
+                Some(limits::MAX_FILE_BYTES),
+                "the python callback file",
+            )?;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `[log_config]` levels as the shim's `FM_LOG_LEVELS`: `{"root": "WARNING", "loggers":
