@@ -595,33 +595,6 @@ fn check_python_target(s: &str) -> anyhow::Result<()> {
     }
 }
 
-/// `url` with its password replaced by `***`, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let authority_start = scheme_end + 3;
-    let authority_end = url[authority_start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| authority_start + i);
-    let authority = &url[authority_start..authority_end];
-    // The user info ends at the last '@' of the authority; its password after the first ':'.
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let Some(colon) = authority[..at].find(':') else {
-        return url.to_owned();
-    };
-    if colon + 1 == at {
-        return url.to_owned(); // an empty password (Fedora's public broker) hides nothing
-    }
-    format!(
-        "{}***{}",
-        &url[..authority_start + colon + 1],
-        &url[authority_start + at..]
-    )
-}
-
 fn usage(msg: String) -> anyhow::Error {
     Exit::new(code::USAGE, anyhow!(msg))
 }
@@ -831,7 +804,7 @@ impl<'t> Parser<'t> {
                         u.span(),
                         format!(
                             "amqp_url '{}' must start with amqp:// or amqps://",
-                            redact_url(u.get_ref())
+                            redact(u.get_ref())
                         ),
                     ))
                 }
@@ -1712,16 +1685,22 @@ mod tests {
     }
 
     #[test]
-    fn redact_url_hides_only_the_password() {
-        assert_eq!(
-            redact_url("amqps://u:p@h:5671/%2F"),
-            "amqps://u:***@h:5671/%2F"
-        );
-        assert_eq!(redact_url("amqp://u:p@ss@h/v?x=1"), "amqp://u:***@h/v?x=1");
-        assert_eq!(redact_url("amqp://u@h/"), "amqp://u@h/");
-        assert_eq!(redact_url("amqps://fedora:@h/%2F"), "amqps://fedora:@h/%2F");
-        assert_eq!(redact_url("amqp://h/a:b@c"), "amqp://h/a:b@c");
-        assert_eq!(redact_url("not a url"), "not a url");
+    fn malformed_urls_are_refused_with_their_password_hidden() {
+        for url in [
+            "amqp:user:s3cr3t@host/%2F",
+            "AMQP:user:s3cr3t@host/",
+            "amqp:/user:s3cr3t@host/",
+            "amqp//user:s3cr3t@host/",
+            "amqpx://user:s3cr3t@host/",
+            "user:s3cr3t@host",
+        ] {
+            let msg = error(&format!("amqp_url = \"{url}\""));
+            assert_contains(
+                &msg,
+                &["line 1, column 12", "must start with amqp:// or amqps://"],
+            );
+            assert!(!msg.contains("s3cr3t"), "{msg}");
+        }
     }
 
     #[test]
@@ -1731,12 +1710,37 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::ZERO);
         assert_contains(
             &error("connection_timeout = 0"),
-            &["connection_timeout must be a number of seconds greater than 0, not 0"],
+            &["connection_timeout must be a number of seconds from 0.001 to 86400 (1 day), not 0"],
         );
         assert_contains(
             &error("shutdown_timeout = -1"),
-            &["shutdown_timeout must be"],
+            &["shutdown_timeout must be a number of seconds from 0 to 86400 (1 day), not -1"],
         );
+        // One day at most, and never a panic: huge, infinite and NaN values are refused.
+        for (line, value) in [
+            ("connection_timeout = 1e19", "1e19"),
+            ("connection_timeout = 86400.5", "86400.5"),
+            ("shutdown_timeout = inf", "inf"),
+            ("shutdown_timeout = nan", "nan"),
+            ("connection_timeout = -inf", "-inf"),
+            ("connection_timeout = 1e-300", "1e-300"),
+            (
+                "connection_timeout = 9223372036854775807",
+                "9223372036854775807",
+            ),
+        ] {
+            let key = line.split(' ').next().unwrap();
+            assert_contains(
+                &error(line),
+                &[
+                    "test.toml: line 1, column ",
+                    &format!("{key} must be a number of seconds from "),
+                    &format!("to 86400 (1 day), not {value}"),
+                ],
+            );
+        }
+        let c = parse("connection_timeout = 86400\nshutdown_timeout = 86400.0");
+        assert_eq!(c.connection_timeout, Duration::from_secs(86_400));
         assert_contains(
             &error("connection_timeout = \"10\""),
             &["connection_timeout: invalid type"],
