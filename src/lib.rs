@@ -82,6 +82,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             consume_with(Arc::new(config)).await
         }
         Command::Check(args) => {
+            logging::init_check(&config.log_config, verbosity);
             config.apply_overrides(&args.overrides())?;
             check::run(&config).await
         }
