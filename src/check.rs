@@ -71,7 +71,7 @@ pub async fn run(config: &Config) -> anyhow::Result<u8> {
         config.bindings.len()
     ));
 
-    check_callback(config, &mut report).await;
+    check_callback(config, &source, &mut report).await;
 
     match Connector::new(config) {
         Err(err) => report.fail(exit_code_of(&err), format!("broker settings: {err:#}")),
@@ -103,11 +103,14 @@ pub async fn run(config: &Config) -> anyhow::Result<u8> {
     Ok(report.code)
 }
 
-async fn check_callback(config: &Config, report: &mut Report) {
+async fn check_callback(config: &Config, source: &str, report: &mut Report) {
     match &config.callback.kind {
         None => report.fail(
             code::USAGE,
-            "callback: none configured (set callback in the configuration or pass --callback)",
+            format!(
+                "callback: none configured in {source} (set callback in the configuration or \
+                 pass --callback)"
+            ),
         ),
         Some(CallbackKind::Plugin { path }) => {
             let (path, json) = (path.clone(), config.consumer_config_json());

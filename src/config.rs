@@ -798,6 +798,10 @@ impl<'t> Parser<'t> {
             .map(|u| {
                 let lower = u.get_ref().to_ascii_lowercase();
                 if lower.starts_with("amqp://") || lower.starts_with("amqps://") {
+                    // Parsed here too, so that a bad URL (a query option out of bounds, a raw
+                    // '@' or '/' in the password) is located like every other error.
+                    crate::amqp::url::parse(u.get_ref())
+                        .map_err(|e| self.err(u.span(), format!("amqp_url: {e:#}")))?;
                     Ok(u.into_inner())
                 } else {
                     Err(self.err(
@@ -1682,6 +1686,39 @@ mod tests {
             ],
         );
         assert!(!msg.contains("s3cret"), "{msg}");
+    }
+
+    #[test]
+    fn amqp_urls_are_parsed_at_load_and_their_errors_located() {
+        for (url, expected) in [
+            (
+                "amqp://u:s3cr3t@h/?socket_timeout=1e19",
+                "line 2, column 12: amqp_url: invalid broker URL amqp://u:***@h/?socket_timeout=1e19: \
+                 query parameter socket_timeout=\"1e19\" must be a number of seconds from 0.001 to \
+                 86400 (1 day)",
+            ),
+            (
+                "amqp:///user:s3cr3t@host/",
+                "line 2, column 12: amqp_url: invalid broker URL amqp:///***@host/: it has an '@' \
+                 after the host part",
+            ),
+            (
+                "amqp://user:p@ss/w@host/",
+                "invalid broker URL amqp://***@host/",
+            ),
+            (
+                "amqps://user:pa/ss@host/",
+                "invalid broker URL amqps://***@host/",
+            ),
+            (
+                "amqp://u:s3cr3t@h/?retry_delay=nan",
+                "retry_delay=\"nan\" must be",
+            ),
+        ] {
+            let msg = error(&format!("topic_prefix = \"x\"\namqp_url = \"{url}\""));
+            assert_contains(&msg, &[expected]);
+            assert!(!msg.contains("s3cr3t") && !msg.contains("pa/ss") && !msg.contains("p@ss"));
+        }
     }
 
     #[test]
