@@ -12,6 +12,7 @@ mod docs;
 mod exec;
 mod failover;
 mod faults;
+mod fuzz;
 mod ops;
 mod publish;
 mod python;
