@@ -147,6 +147,42 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_callback_file_must_be_a_regular_file_of_at_most_1_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cb.py");
+        std::fs::write(&file, "def cb(message): pass\n").unwrap();
+        check_callback_file(&format!("{}:cb", file.display())).unwrap();
+        // Module targets have no file to check.
+        check_callback_file("pkg.mod:cb").unwrap();
+        let big = dir.path().join("big.py");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len((1 << 20) + 1)
+            .unwrap();
+        let folder = dir.path().join("folder.py");
+        std::fs::create_dir(&folder).unwrap();
+        for (target, expected) in [
+            (
+                format!("{}:cb", folder.display()),
+                format!(
+                    "{} is not a regular file: it is a directory",
+                    folder.display()
+                ),
+            ),
+            (
+                format!("{}:cb", big.display()),
+                format!("{} is larger than 1 MiB", big.display()),
+            ),
+        ] {
+            let err = format!("{:#}", check_callback_file(&target).unwrap_err());
+            assert!(
+                err.starts_with("the python callback file ") && err.contains(&expected),
+                "{err}"
+            );
+        }
+    }
+
+    #[test]
     fn the_shim_gets_the_target_the_interpreter_and_the_settings() {
         let config = Config::from_toml_str(
             "[consumer_config]\nkey = \"v\"\n[log_config.root]\nlevel = \"ERROR\"\n\
