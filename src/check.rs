@@ -23,6 +23,7 @@ use lapin::{Connection, ExchangeKind};
 use crate::amqp::{Connector, errors};
 use crate::callback::exec::find_program;
 use crate::callback::plugin::Plugin;
+use crate::callback::python::check_callback_file;
 use crate::config::{CallbackKind, CommandMode, Config};
 use crate::error::{code, exit_code_of};
 
@@ -70,7 +71,7 @@ pub async fn run(config: &Config) -> anyhow::Result<u8> {
         config.bindings.len()
     ));
 
-    check_callback(config, &mut report).await;
+    check_callback(config, &source, &mut report).await;
 
     match Connector::new(config) {
         Err(err) => report.fail(exit_code_of(&err), format!("broker settings: {err:#}")),
@@ -102,11 +103,14 @@ pub async fn run(config: &Config) -> anyhow::Result<u8> {
     Ok(report.code)
 }
 
-async fn check_callback(config: &Config, report: &mut Report) {
+async fn check_callback(config: &Config, source: &str, report: &mut Report) {
     match &config.callback.kind {
         None => report.fail(
             code::USAGE,
-            "callback: none configured (set callback in the configuration or pass --callback)",
+            format!(
+                "callback: none configured in {source} (set callback in the configuration or \
+                 pass --callback)"
+            ),
         ),
         Some(CallbackKind::Plugin { path }) => {
             let (path, json) = (path.clone(), config.consumer_config_json());
@@ -184,13 +188,9 @@ async fn check_python(target: &str, interpreter: &str, report: &mut Report) {
     let module = target.rsplit_once(':').map_or(target, |(m, _)| m);
     if module.ends_with(".py") {
         // --callback-file: the file is executed at start, not imported.
-        if std::path::Path::new(module).is_file() {
-            report.ok(format!("callback: python file {module} exists"));
-        } else {
-            report.fail(
-                code::FAILURE,
-                format!("callback: python {target}: {module} is not a file"),
-            );
+        match check_callback_file(target) {
+            Ok(()) => report.ok(format!("callback: python file {module} exists")),
+            Err(e) => report.fail(code::USAGE, format!("callback: python {target}: {e:#}")),
         }
         return;
     }

@@ -158,7 +158,8 @@ pub struct PublishArgs {
     /// to publish again (created even when empty).
     #[arg(long, value_name = "FILE")]
     pub failed: Option<PathBuf>,
-    /// How long to wait for the broker: to connect, and to confirm each message.
+    /// How long to wait for the broker: to connect, and to confirm each message (seconds,
+    /// more than 0 and at most 86400).
     #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
     pub timeout: std::time::Duration,
     /// Publish without the mandatory flag: a message no queue receives is accepted silently,
@@ -199,15 +200,11 @@ impl RecordArgs {
     }
 }
 
-/// A duration in seconds, whole or fractional ("30", "2.5").
+/// `--timeout`: a duration in seconds, whole or fractional ("30", "2.5"), with the bounds of
+/// every duration fm reads ([`crate::limits::seconds`]). 0 is refused: there is no waiting for
+/// a broker in no time.
 fn parse_seconds(s: &str) -> Result<std::time::Duration, String> {
-    let secs: f64 = s
-        .parse()
-        .map_err(|_| format!("'{s}' is not a number of seconds"))?;
-    if !(secs.is_finite() && secs > 0.0 && secs <= 86_400.0) {
-        return Err(format!("{s} is not between 0 and 86400 seconds"));
-    }
-    Ok(std::time::Duration::from_secs_f64(secs))
+    crate::limits::parse_seconds(s, false).map_err(|requirement| format!("must be {requirement}"))
 }
 
 /// `fm completions`.
@@ -223,4 +220,42 @@ pub struct CompletionsArgs {
 pub fn print_completions(shell: clap_complete::Shell) {
     use clap::CommandFactory as _;
     clap_complete::generate(shell, &mut Cli::command(), "fm", &mut std::io::stdout());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn publish_timeout(value: &str) -> Result<std::time::Duration, String> {
+        let flag = format!("--timeout={value}");
+        match Cli::try_parse_from(["fm", "publish", "--topic", "t", flag.as_str()]) {
+            Ok(cli) => match cli.command {
+                Command::Publish(args) => Ok(args.timeout),
+                other => panic!("{other:?}"),
+            },
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    #[test]
+    fn publish_timeout_is_seconds_from_a_millisecond_to_a_day() {
+        assert_eq!(
+            publish_timeout("2.5"),
+            Ok(std::time::Duration::from_millis(2500))
+        );
+        assert_eq!(
+            publish_timeout("86400"),
+            Ok(std::time::Duration::from_secs(86_400))
+        );
+        for bad in ["0", "-1", "1e19", "nan", "inf", "86401", "soon"] {
+            let err = publish_timeout(bad).unwrap_err();
+            assert!(
+                err.contains(&format!(
+                    "invalid value '{bad}' for '--timeout <SECONDS>': must be a number of \
+                     seconds from 0.001 to 86400 (1 day)"
+                )),
+                "{err}"
+            );
+        }
+    }
 }

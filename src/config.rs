@@ -37,7 +37,9 @@ use toml::Spanned;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use tracing::level_filters::LevelFilter;
 
+use crate::amqp::url::redact;
 use crate::error::{Exit, code};
+use crate::limits;
 
 /// The environment variable that names the configuration file (fedora-messaging's).
 pub const ENV_CONF: &str = "FEDORA_MESSAGING_CONF";
@@ -407,17 +409,22 @@ impl Config {
                 (default_path, "the default location")
             }
         };
-        if !path.is_file() {
-            return Err(usage(format!(
-                "{} is not a file (from {from}); give the path of a TOML configuration file",
-                path.display()
-            )));
-        }
         tracing::info!("loading configuration from {}", path.display());
-        let text = std::fs::read_to_string(path).map_err(|e| {
+        let bytes = limits::read_bounded(
+            path,
+            limits::MAX_FILE_BYTES,
+            &format!("the configuration file (from {from})"),
+        )
+        .map_err(|e| usage(format!("{e:#}; give the path of a TOML configuration file")))?;
+        let text = String::from_utf8(bytes).map_err(|e| {
             usage(format!(
-                "{}: cannot read the configuration file: {e}",
-                path.display()
+                "{}: line {}: the configuration file is not UTF-8 text",
+                path.display(),
+                line_col(
+                    &String::from_utf8_lossy(&e.as_bytes()[..e.utf8_error().valid_up_to()]),
+                    usize::MAX
+                )
+                .0
             ))
         })?;
         Self::from_toml_str(&text, Some(path))
@@ -586,33 +593,6 @@ fn check_python_target(s: &str) -> anyhow::Result<()> {
              'path/to/file.py:attribute'"
         ))
     }
-}
-
-/// `url` with its password replaced by `***`, for messages and logs.
-pub fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_owned();
-    };
-    let authority_start = scheme_end + 3;
-    let authority_end = url[authority_start..]
-        .find(['/', '?', '#'])
-        .map_or(url.len(), |i| authority_start + i);
-    let authority = &url[authority_start..authority_end];
-    // The user info ends at the last '@' of the authority; its password after the first ':'.
-    let Some(at) = authority.rfind('@') else {
-        return url.to_owned();
-    };
-    let Some(colon) = authority[..at].find(':') else {
-        return url.to_owned();
-    };
-    if colon + 1 == at {
-        return url.to_owned(); // an empty password (Fedora's public broker) hides nothing
-    }
-    format!(
-        "{}***{}",
-        &url[..authority_start + colon + 1],
-        &url[authority_start + at..]
-    )
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -818,13 +798,17 @@ impl<'t> Parser<'t> {
             .map(|u| {
                 let lower = u.get_ref().to_ascii_lowercase();
                 if lower.starts_with("amqp://") || lower.starts_with("amqps://") {
+                    // Parsed here too, so that a bad URL (a query option out of bounds, a raw
+                    // '@' or '/' in the password) is located like every other error.
+                    crate::amqp::url::parse(u.get_ref())
+                        .map_err(|e| self.err(u.span(), format!("amqp_url: {e:#}")))?;
                     Ok(u.into_inner())
                 } else {
                     Err(self.err(
                         u.span(),
                         format!(
                             "amqp_url '{}' must start with amqp:// or amqps://",
-                            redact_url(u.get_ref())
+                            redact(u.get_ref())
                         ),
                     ))
                 }
@@ -832,22 +816,17 @@ impl<'t> Parser<'t> {
             .collect()
     }
 
-    fn seconds(&self, key: &str, v: &Item<'t>, zero_ok: bool) -> anyhow::Result<Duration> {
-        let secs: f64 = self.de(key, v)?;
-        match Duration::try_from_secs_f64(secs) {
-            Ok(d) if zero_ok || !d.is_zero() => Ok(d),
-            _ => Err(self.err(
+    /// A number of seconds (see [`limits::seconds`]); `what` names the key in errors, which
+    /// quote the value as written (`1e19`, `nan`).
+    fn seconds(&self, what: &str, v: &Item<'t>, zero_ok: bool) -> anyhow::Result<Duration> {
+        let secs: f64 = self.de(what, v)?;
+        limits::seconds(secs, zero_ok).map_err(|requirement| {
+            let written = self.text.get(v.span()).unwrap_or_default().trim();
+            self.err(
                 v.span(),
-                format!(
-                    "{key} must be a number of seconds {}, not {secs}",
-                    if zero_ok {
-                        "(0 or more)"
-                    } else {
-                        "greater than 0"
-                    }
-                ),
-            )),
-        }
+                format!("{what} must be {requirement}, not {written}"),
+            )
+        })
     }
 
     fn client_properties(&self, v: &Item<'t>) -> anyhow::Result<Map<String, Value>> {
@@ -1137,7 +1116,8 @@ impl<'t> Parser<'t> {
             mode: Option<Spanned<String>>,
             interpreter: Option<Spanned<String>>,
             concurrency: Option<Spanned<i64>>,
-            timeout: Option<Spanned<f64>>,
+            #[serde(rename = "timeout")]
+            _timeout: Option<serde::de::IgnoredAny>,
             on_error: Option<Spanned<String>>,
             max_redeliveries: Option<Spanned<i64>>,
         }
@@ -1244,7 +1224,7 @@ impl<'t> Parser<'t> {
                     )
                 })?;
         }
-        if let Some(t) = raw.timeout {
+        if let Some(t) = table.get("timeout") {
             if matches!(cb.kind, Some(CallbackKind::Plugin { .. })) {
                 return Err(self.err(
                     t.span(),
@@ -1252,21 +1232,7 @@ impl<'t> Parser<'t> {
                      in-process and cannot be interrupted",
                 ));
             }
-            cb.timeout = Some(
-                Duration::try_from_secs_f64(*t.get_ref())
-                    .ok()
-                    .filter(|d| !d.is_zero())
-                    .ok_or_else(|| {
-                        self.err(
-                            t.span(),
-                            format!(
-                                "[callback] timeout must be a number of seconds greater than 0, \
-                                 not {}",
-                                t.get_ref()
-                            ),
-                        )
-                    })?,
-            );
+            cb.timeout = Some(self.seconds("[callback] timeout", t, false)?);
         }
         if let Some(e) = raw.on_error {
             cb.on_error = match e.get_ref().as_str() {
@@ -1723,16 +1689,55 @@ mod tests {
     }
 
     #[test]
-    fn redact_url_hides_only_the_password() {
-        assert_eq!(
-            redact_url("amqps://u:p@h:5671/%2F"),
-            "amqps://u:***@h:5671/%2F"
-        );
-        assert_eq!(redact_url("amqp://u:p@ss@h/v?x=1"), "amqp://u:***@h/v?x=1");
-        assert_eq!(redact_url("amqp://u@h/"), "amqp://u@h/");
-        assert_eq!(redact_url("amqps://fedora:@h/%2F"), "amqps://fedora:@h/%2F");
-        assert_eq!(redact_url("amqp://h/a:b@c"), "amqp://h/a:b@c");
-        assert_eq!(redact_url("not a url"), "not a url");
+    fn amqp_urls_are_parsed_at_load_and_their_errors_located() {
+        for (url, expected) in [
+            (
+                "amqp://u:s3cr3t@h/?socket_timeout=1e19",
+                "line 2, column 12: amqp_url: invalid broker URL amqp://u:***@h/?socket_timeout=1e19: \
+                 query parameter socket_timeout=\"1e19\" must be a number of seconds from 0.001 to \
+                 86400 (1 day)",
+            ),
+            (
+                "amqp:///user:s3cr3t@host/",
+                "line 2, column 12: amqp_url: invalid broker URL amqp:///***@host/: it has an '@' \
+                 after the host part",
+            ),
+            (
+                "amqp://user:p@ss/w@host/",
+                "invalid broker URL amqp://***@host/",
+            ),
+            (
+                "amqps://user:pa/ss@host/",
+                "invalid broker URL amqps://***@host/",
+            ),
+            (
+                "amqp://u:s3cr3t@h/?retry_delay=nan",
+                "retry_delay=\"nan\" must be",
+            ),
+        ] {
+            let msg = error(&format!("topic_prefix = \"x\"\namqp_url = \"{url}\""));
+            assert_contains(&msg, &[expected]);
+            assert!(!msg.contains("s3cr3t") && !msg.contains("pa/ss") && !msg.contains("p@ss"));
+        }
+    }
+
+    #[test]
+    fn malformed_urls_are_refused_with_their_password_hidden() {
+        for url in [
+            "amqp:user:s3cr3t@host/%2F",
+            "AMQP:user:s3cr3t@host/",
+            "amqp:/user:s3cr3t@host/",
+            "amqp//user:s3cr3t@host/",
+            "amqpx://user:s3cr3t@host/",
+            "user:s3cr3t@host",
+        ] {
+            let msg = error(&format!("amqp_url = \"{url}\""));
+            assert_contains(
+                &msg,
+                &["line 1, column 12", "must start with amqp:// or amqps://"],
+            );
+            assert!(!msg.contains("s3cr3t"), "{msg}");
+        }
     }
 
     #[test]
@@ -1742,12 +1747,37 @@ mod tests {
         assert_eq!(c.shutdown_timeout, Duration::ZERO);
         assert_contains(
             &error("connection_timeout = 0"),
-            &["connection_timeout must be a number of seconds greater than 0, not 0"],
+            &["connection_timeout must be a number of seconds from 0.001 to 86400 (1 day), not 0"],
         );
         assert_contains(
             &error("shutdown_timeout = -1"),
-            &["shutdown_timeout must be"],
+            &["shutdown_timeout must be a number of seconds from 0 to 86400 (1 day), not -1"],
         );
+        // One day at most, and never a panic: huge, infinite and NaN values are refused.
+        for (line, value) in [
+            ("connection_timeout = 1e19", "1e19"),
+            ("connection_timeout = 86400.5", "86400.5"),
+            ("shutdown_timeout = inf", "inf"),
+            ("shutdown_timeout = nan", "nan"),
+            ("connection_timeout = -inf", "-inf"),
+            ("connection_timeout = 1e-300", "1e-300"),
+            (
+                "connection_timeout = 9223372036854775807",
+                "9223372036854775807",
+            ),
+        ] {
+            let key = line.split(' ').next().unwrap();
+            assert_contains(
+                &error(line),
+                &[
+                    "test.toml: line 1, column ",
+                    &format!("{key} must be a number of seconds from "),
+                    &format!("to 86400 (1 day), not {value}"),
+                ],
+            );
+        }
+        let c = parse("connection_timeout = 86400\nshutdown_timeout = 86400.0");
+        assert_eq!(c.connection_timeout, Duration::from_secs(86_400));
         assert_contains(
             &error("connection_timeout = \"10\""),
             &["connection_timeout: invalid type"],
@@ -2170,11 +2200,25 @@ mod tests {
             ),
             (
                 "command = [\"x\"]\ntimeout = 0",
-                "timeout must be a number of seconds greater than 0, not 0",
+                "line 3, column 11: [callback] timeout must be a number of seconds from 0.001 to \
+                 86400 (1 day), not 0",
             ),
             (
                 "command = [\"x\"]\ntimeout = -2.5",
-                "greater than 0, not -2.5",
+                "from 0.001 to 86400 (1 day), not -2.5",
+            ),
+            (
+                "command = [\"x\"]\nmode = \"worker\"\ntimeout = 1e19",
+                "line 4, column 11: [callback] timeout must be a number of seconds from 0.001 to \
+                 86400 (1 day), not 1e19",
+            ),
+            (
+                "python = \"a:b\"\ntimeout = nan",
+                "[callback] timeout must be",
+            ),
+            (
+                "command = [\"x\"]\ntimeout = \"10\"",
+                "[callback] timeout: invalid type: string",
             ),
             (
                 "command = [\"x\"]\nconcurrency = 0",
@@ -2397,10 +2441,16 @@ mod tests {
             let err = Config::load_from(explicit, env, Path::new("/nonexistent")).unwrap_err();
             assert_eq!(exit_code_of(&err), code::USAGE);
             let path = explicit.or(env).unwrap();
+            let why = if path.exists() {
+                "is not a regular file: it is a directory"
+            } else {
+                "cannot be read: no such file or directory"
+            };
             assert_eq!(
                 format!("{err:#}"),
                 format!(
-                    "{} is not a file (from {from}); give the path of a TOML configuration file",
+                    "the configuration file (from {from}) {} {why}; give the path of a TOML \
+                     configuration file",
                     path.display()
                 )
             );
@@ -2409,7 +2459,40 @@ mod tests {
         let err = Config::load_from(None, None, dir.path()).unwrap_err();
         assert_contains(
             &format!("{err:#}"),
-            &["is not a file (from the default location)"],
+            &[
+                "the configuration file (from the default location)",
+                "is not a regular file",
+            ],
+        );
+    }
+
+    #[test]
+    fn the_configuration_file_is_a_regular_file_of_at_most_1_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, why) in [
+            (
+                Path::new("/dev/zero"),
+                "is not a regular file: it is a character device",
+            ),
+            (
+                Path::new("/dev/urandom"),
+                "is not a regular file: it is a character device",
+            ),
+        ] {
+            let err = Config::load_from(Some(path), None, Path::new("/nonexistent")).unwrap_err();
+            assert_eq!(exit_code_of(&err), code::USAGE);
+            assert_contains(&format!("{err:#}"), &[&path.display().to_string(), why]);
+        }
+        let big = dir.path().join("big.toml");
+        std::fs::write(&big, format!("# {}\n", "x".repeat(1 << 20))).unwrap();
+        let err = Config::load_from(Some(&big), None, Path::new("/nonexistent")).unwrap_err();
+        assert_contains(&format!("{err:#}"), &["big.toml is larger than 1 MiB"]);
+        let latin1 = dir.path().join("latin1.toml");
+        std::fs::write(&latin1, b"topic_prefix = \"a\"\n# caf\xe9\n").unwrap();
+        let err = Config::load_from(Some(&latin1), None, Path::new("/nonexistent")).unwrap_err();
+        assert_contains(
+            &format!("{err:#}"),
+            &["latin1.toml: line 2: the configuration file is not UTF-8"],
         );
     }
 

@@ -11,6 +11,7 @@
 //! - [`callback`]: what messages are handed to (native plugins, commands, workers, Python).
 //! - [`shutdown`]: the one stop path every loop listens to; [`stats`]: shared counters.
 //! - [`error`]: exit codes; only `main` turns an error into one.
+//! - [`limits`]: the bounds on durations and files the configuration and command line name.
 //! - [`logging`]: tracing to stderr, levels from `log_config`, `-v`/`-q` and `FM_LOG`.
 //! - Operations: [`monitor`] (HTTP `/live`, `/ready`, `/metrics`), [`notify`] (systemd
 //!   readiness, status and watchdog), [`check`] (`fm check`).
@@ -26,6 +27,7 @@ pub mod config;
 pub mod consume;
 pub mod error;
 pub mod json;
+pub mod limits;
 pub mod logging;
 pub mod message;
 pub mod monitor;
@@ -101,6 +103,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
             consume_with(Arc::new(config)).await
         }
         Command::Check(args) => {
+            logging::init_check(&config.log_config, verbosity);
             config.apply_overrides(&args.overrides())?;
             check::run(&config).await
         }

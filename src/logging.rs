@@ -53,6 +53,38 @@ pub fn init_default(verbosity: i8) {
 /// Log with the levels of `log_config`, adjusted by `verbosity` (+1 per `-v`, -1 per `-q`),
 /// unless `FM_LOG` is set. The first call installs the subscriber, later calls change its levels.
 pub fn init(log_config: &LogConfig, verbosity: i8) {
+    install(log_config, verbosity, directives);
+}
+
+/// [`init`] for `fm check`, whose report on stdout names every problem it finds: lapin's own
+/// error for a channel the broker closed — above all `404 NOT_FOUND` for a queue that does not
+/// exist yet, which `fm check` expects and reports as a note — would only repeat the report
+/// (or contradict it), so see [`check_directives`].
+pub fn init_check(log_config: &LogConfig, verbosity: i8) {
+    install(log_config, verbosity, check_directives);
+}
+
+/// The [`directives`] of `fm check`: lapin's channel target off, unless `FM_LOG` or
+/// `[log_config]` (a `pika`, `twisted` or `amqp` logger) asks for the AMQP client's logs.
+pub fn check_directives(log_config: &LogConfig, verbosity: i8, fm_log: Option<&str>) -> String {
+    let wanted = directives(log_config, verbosity, fm_log);
+    let asked = fm_log.is_some_and(|s| !s.trim().is_empty())
+        || log_config
+            .loggers
+            .iter()
+            .any(|(name, _)| AMQP_LOGGERS.contains(&name.as_str()));
+    if asked {
+        wanted
+    } else {
+        format!("{wanted},lapin::channel=off")
+    }
+}
+
+fn install(
+    log_config: &LogConfig,
+    verbosity: i8,
+    directives: fn(&LogConfig, i8, Option<&str>) -> String,
+) {
     let fm_log = std::env::var(ENV_LOG).ok();
     let wanted = directives(log_config, verbosity, fm_log.as_deref());
     let (filter, bad_env) = match EnvFilter::try_new(&wanted) {
@@ -306,6 +338,21 @@ mod tests {
             directives(&LogConfig::default(), 0, None),
             "warn,fm=info,lapin=error,amq_protocol=error,lapin::returned_messages=error"
         );
+    }
+
+    #[test]
+    fn fm_check_silences_lapins_channel_errors_unless_asked_for() {
+        assert_eq!(
+            check_directives(&LogConfig::default(), 0, None),
+            "warn,fm=info,lapin=error,amq_protocol=error,lapin::returned_messages=error,\
+             lapin::channel=off"
+        );
+        assert_eq!(
+            check_directives(&LogConfig::default(), 0, Some("debug")),
+            "debug"
+        );
+        let pika = log_config("[log_config.loggers.pika]\nlevel = \"ERROR\"\n");
+        assert!(!check_directives(&pika, 0, None).contains("lapin::channel"));
     }
 
     #[test]

@@ -59,6 +59,7 @@ use crate::amqp::{Connected, Connector, errors};
 use crate::cli::PublishArgs;
 use crate::config::Config;
 use crate::error::{Exit, code};
+use crate::limits;
 use crate::message::{self, Message};
 use crate::shutdown::{self, Shutdown};
 
@@ -295,12 +296,31 @@ enum Source {
 impl Source {
     /// Open FILE, or standard input for `-`. A file that cannot be opened is a usage error
     /// (exit 2), as with fedora-messaging's `click.File`.
+    ///
+    /// FILE may be as large as it likes (it is streamed), but it must be a regular file or a
+    /// pipe (`fm publish <(producer)`), which end: a directory, a device (`/dev/zero` would be
+    /// read forever) or a socket is refused with what it is.
     async fn open(path: &Path) -> anyhow::Result<Source> {
         if path.as_os_str() == "-" {
             return Ok(Source::Lines {
                 reader: Box::pin(tokio::io::BufReader::new(tokio::io::stdin())),
                 size: None,
             });
+        }
+        if let Ok(meta) = tokio::fs::metadata(path).await {
+            use std::os::unix::fs::FileTypeExt as _;
+            let file_type = meta.file_type();
+            if !file_type.is_file() && !file_type.is_fifo() {
+                return Err(Exit::new(
+                    code::USAGE,
+                    anyhow!(
+                        "cannot publish {}: it is {}, not a file of messages (give a regular \
+                         file, a pipe, or - for standard input)",
+                        path.display(),
+                        limits::kind(&file_type)
+                    ),
+                ));
+            }
         }
         let file = tokio::fs::File::open(path)
             .await
@@ -630,7 +650,7 @@ impl Publisher {
     /// Connect within `--timeout`, trying again until then. On failure, stop with 111 (or 1
     /// when the broker refused the login) and return `None`.
     async fn connect(&mut self, doing: &str) -> Option<Connected> {
-        let deadline = Instant::now() + self.timeout;
+        let deadline = limits::deadline_in(self.timeout);
         let mut last: Option<anyhow::Error> = None;
         loop {
             let attempt = tokio::select! {
@@ -702,7 +722,7 @@ impl Publisher {
                         self.in_flight.push_back(InFlight {
                             out,
                             confirm,
-                            deadline: Instant::now() + self.timeout,
+                            deadline: limits::deadline_in(self.timeout),
                         });
                     }
                     Err(err) => {
@@ -1418,6 +1438,31 @@ mod tests {
     fn outgoing(seq: u64) -> Outgoing {
         let line = format!(r#"{{"topic": "t", "body": {{}}, "id": "id-{seq}"}}"#);
         Outgoing::new(seq, seq as usize, parse_line(line.as_bytes()).unwrap(), "").unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_record_file_must_be_a_regular_file_or_a_pipe() {
+        let dir = tempfile::tempdir().unwrap();
+        for (path, what) in [
+            (Path::new("/dev/zero"), "a character device"),
+            (Path::new("/dev/urandom"), "a character device"),
+            (dir.path(), "a directory"),
+        ] {
+            let err = Source::open(path).await.err().expect("refused");
+            assert_eq!(crate::error::exit_code_of(&err), code::USAGE);
+            assert_eq!(
+                format!("{err:#}"),
+                format!(
+                    "cannot publish {}: it is {what}, not a file of messages (give a regular \
+                     file, a pipe, or - for standard input)",
+                    path.display()
+                )
+            );
+        }
+        let file = dir.path().join("in.jsonl");
+        std::fs::write(&file, "{}\n").unwrap();
+        assert!(Source::open(&file).await.is_ok());
+        assert!(Source::open(Path::new("-")).await.is_ok());
     }
 
     #[tokio::test]

@@ -84,7 +84,10 @@ impl Sink {
 
 impl Recorder {
     /// Create (truncate) FILE, or use standard output for `-`. A file that cannot be created
-    /// is a usage error (exit 2), as with fedora-messaging's `click.File("w")`.
+    /// (a missing folder, no permission, a full disk) is an I/O failure, exit 1, as fm(1)
+    /// says and as a failed write is: the command line was well formed. (fedora-messaging's
+    /// `click.File("w")` opens the file lazily, so it too fails on the first write, not with
+    /// click's usage error.)
     pub fn create(path: &Path, limit: Option<u64>) -> anyhow::Result<Recorder> {
         let (sink, name) = if path.as_os_str() == "-" {
             (
@@ -94,8 +97,12 @@ impl Recorder {
         } else {
             let file = File::create(path).map_err(|e| {
                 Exit::new(
-                    code::USAGE,
-                    anyhow!("cannot create {}: {e}", path.display()),
+                    code::FAILURE,
+                    anyhow!(
+                        "cannot create the record file {}: {}",
+                        path.display(),
+                        crate::limits::io_reason(&e)
+                    ),
                 )
             })?;
             (Sink::File(file), path.display().to_string())
@@ -273,6 +280,18 @@ mod tests {
     }
 
     #[test]
+    fn a_file_that_cannot_be_created_exits_1_naming_it() {
+        let err = Recorder::create(Path::new("/nonexistent/dir/x.jsonl"), None)
+            .err()
+            .expect("no such folder");
+        assert_eq!(crate::error::exit_code_of(&err), code::FAILURE);
+        assert_eq!(
+            format!("{err:#}"),
+            "cannot create the record file /nonexistent/dir/x.jsonl: no such file or directory"
+        );
+    }
+
+    #[test]
     fn a_failed_write_requeues_and_exits_1() {
         if !Path::new("/dev/full").exists() {
             return;
@@ -301,14 +320,5 @@ mod tests {
                 ..
             }
         ));
-    }
-
-    #[test]
-    fn a_file_that_cannot_be_created_is_a_usage_error() {
-        let err = Recorder::create(Path::new("/nonexistent/dir/rec.jsonl"), None)
-            .err()
-            .expect("refused");
-        assert_eq!(crate::error::exit_code_of(&err), code::USAGE);
-        assert!(format!("{err:#}").contains("/nonexistent/dir/rec.jsonl"));
     }
 }

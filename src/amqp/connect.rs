@@ -32,6 +32,7 @@ use super::url::{self, BrokerUrl};
 use super::{errors, tls};
 use crate::config::Config;
 use crate::error::{Exit, code};
+use crate::limits;
 
 /// How long the diagnostic probe (see [`Connector::probe_tls_refusal`]) listens for the
 /// broker's TLS alert.
@@ -228,7 +229,7 @@ impl Connector {
     /// One attempt on one URL, within its deadline.
     async fn connect_one(&self, url: &BrokerUrl) -> Result<Connection, Failure> {
         let timeout = url.connection_timeout.unwrap_or(self.timeout);
-        let deadline = Instant::now() + timeout;
+        let deadline = limits::deadline_in(timeout);
         let tls = match (url.is_tls(), &self.tls) {
             (true, Some(tls)) => Some(tls.connector()),
             (true, None) => return Err(Failure::new("TLS is not set up (an fm bug)")),
@@ -251,9 +252,9 @@ impl Connector {
         let transport = Transport {
             host: url.uri.authority.host.clone(),
             port: url.uri.authority.port,
-            socket_limit: match url.socket_timeout {
-                Some(t) if Instant::now() + t < deadline => Limit {
-                    deadline: Instant::now() + t,
+            socket_limit: match url.socket_timeout.map(|t| (t, limits::deadline_in(t))) {
+                Some((t, socket_deadline)) if socket_deadline < deadline => Limit {
+                    deadline: socket_deadline,
                     what: format!(
                         "no answer within {:.1} s (the URL's socket_timeout)",
                         t.as_secs_f64()
@@ -445,8 +446,8 @@ impl Connector {
         let settings = self.tls.as_ref()?;
         let host = url.uri.authority.host.as_str();
         let port = url.uri.authority.port;
-        let listen_until = (Instant::now() + PROBE_LISTEN)
-            .min(deadline.max(Instant::now() + Duration::from_secs(1)));
+        let listen_until = limits::deadline_in(PROBE_LISTEN)
+            .min(deadline.max(limits::deadline_in(Duration::from_secs(1))));
         let probe = async {
             let rt = lapin::runtime::default_runtime().ok()?;
             let addrs = tokio::net::lookup_host((host, port)).await.ok()?;

@@ -34,6 +34,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::Tls;
+use crate::limits;
 
 /// The TLS set-up from `[tls]`, read and checked: what every `amqps://` connection uses.
 pub struct Settings {
@@ -236,23 +237,11 @@ fn system_roots() -> anyhow::Result<RootCertStore> {
     Ok(roots)
 }
 
+/// A `[tls]` file, read whole: a regular file of at most 1 MiB ([`limits::read_bounded`]), so
+/// `ca_cert = "/dev/zero"` is an error, not a read that never ends.
 fn read_file(key: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    std::fs::read(path).map_err(|e| {
-        anyhow!(
-            "[tls] {key} {} cannot be read: {}; fix the path in the [tls] table",
-            path.display(),
-            io_reason(&e)
-        )
-    })
-}
-
-/// An I/O error without Rust's "(os error 2)" suffix.
-fn io_reason(err: &std::io::Error) -> String {
-    let text = err.to_string();
-    match text.find(" (os error") {
-        Some(i) => text[..i].to_lowercase(),
-        None => text,
-    }
+    limits::read_bounded(path, limits::MAX_FILE_BYTES, &format!("[tls] {key}"))
+        .map_err(|e| anyhow!("{e:#}; fix the path in the [tls] table"))
 }
 
 fn read_certs(key: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -926,7 +915,36 @@ mod tests {
             &["[tls] ca_cert", "broken.pem is not a valid PEM file"],
         );
         let err = refused(&tls(Some(dir.path()), None, None));
-        assert_contains(&err, &["[tls] ca_cert", "cannot be read: is a directory"]);
+        assert_contains(
+            &err,
+            &["[tls] ca_cert", "is not a regular file: it is a directory"],
+        );
+    }
+
+    #[test]
+    fn special_and_oversized_files_are_refused_without_reading_them_whole() {
+        let dir = tempfile::tempdir().unwrap();
+        for device in ["/dev/zero", "/dev/urandom"] {
+            assert_eq!(
+                refused(&tls(Some(Path::new(device)), None, None)),
+                format!(
+                    "[tls] ca_cert {device} is not a regular file: it is a character device; \
+                     fix the path in the [tls] table"
+                )
+            );
+        }
+        let big = write(dir.path(), "big.pem", &"x".repeat((1 << 20) + 1));
+        let key = write(dir.path(), "key.pem", "");
+        assert_contains(
+            &refused(&tls(None, Some(&big), Some(&key))),
+            &["[tls] certfile", "big.pem is larger than 1 MiB"],
+        );
+        let cert_der = certificate("c", "ca", &utc("200101000000Z"), &utc("300101000000Z"));
+        let cert = write(dir.path(), "cert.pem", &pem("CERTIFICATE", &cert_der));
+        assert_contains(
+            &refused(&tls(None, Some(&cert), Some(Path::new("/dev/urandom")))),
+            &["[tls] keyfile /dev/urandom is not a regular file: it is a character device"],
+        );
     }
 
     #[test]

@@ -10,17 +10,19 @@
 //! | parameter | meaning in fm |
 //! |---|---|
 //! | `heartbeat` (`heartbeat_interval`) | seconds, 1–65535; the broker's value wins when lower. `0` (pika: no heartbeats) is refused: lapin cannot switch heartbeats off |
-//! | `connection_timeout`, `stack_timeout` | the whole attempt (TCP, TLS, AMQP handshake), seconds; overrides the top-level `connection_timeout` |
-//! | `socket_timeout` | the name lookup and TCP connect only, seconds |
+//! | `connection_timeout`, `stack_timeout` | the whole attempt (TCP, TLS, AMQP handshake), seconds (0.001 to 86400); overrides the top-level `connection_timeout` |
+//! | `socket_timeout` | the name lookup and TCP connect only, seconds (0.001 to 86400) |
 //! | `connection_attempts` | attempts on this URL per round (default 1) |
-//! | `retry_delay` | seconds between two attempts on this URL (default 2) |
+//! | `retry_delay` | seconds between two attempts on this URL, 0 to 86400 (default 2) |
 //! | `channel_max`, `frame_max` | proposed to the broker (1–65535; 4096–131072 bytes) |
 //! | `auth_mechanism` | `plain`, `amqplain` or `external` (default: EXTERNAL when `[tls]` has a client certificate, else PLAIN) |
 //! | `locale`, `blocked_connection_timeout` | accepted, no effect |
 //! | `ssl_options`, `client_properties`, `tcp_options`, others | refused, naming the `[tls]` / `[client_properties]` table to use instead |
 //!
-//! Passwords never reach a log or an error: [`redact`] replaces them with `***`, and
-//! [`BrokerUrl`]'s `Debug` shows only the redacted URL.
+//! Passwords never reach a log or an error: [`redact`], the one redactor, replaces them with
+//! `***` even in a URL that does not parse, [`BrokerUrl`]'s `Debug` shows only the redacted
+//! URL, and a URL whose user information cannot be told apart from its host or vhost (an `@`
+//! after the host part) is refused before any part of it is shown.
 
 use std::time::Duration;
 
@@ -28,6 +30,8 @@ use anyhow::{Context, bail};
 use lapin::uri::{
     AMQPAuthority, AMQPQueryString, AMQPScheme, AMQPUri, AMQPUserInfo, SASLMechanism,
 };
+
+use crate::limits;
 
 /// The frame size fm proposes when the URL does not set `frame_max` (pika's default).
 pub const DEFAULT_FRAME_MAX: u32 = 131_072;
@@ -69,36 +73,99 @@ impl BrokerUrl {
     }
 }
 
-/// Replace the password of an AMQP URL with `***` (the user name is kept).
+/// The URL with its password replaced by `***`: the one redactor, for every error and log line
+/// that shows a URL (valid or not).
 ///
-/// Works on the text, the way Python's `urlsplit` finds the parts (the authority ends at the
-/// first `/`, `?` or `#`; the user information ends at its last `@`), so that a URL that does
-/// not parse still hides its password. When a `@` appears only after the authority — a
-/// password with an unencoded `/`, `?` or `#` — everything up to that `@` is hidden.
+/// It works on the text, so that a URL that does not parse still hides its password:
+///
+/// - a well-formed `scheme://user:password@host…` — the last `@` of the whole text ends the
+///   authority, which ends at the first `/`, `?` or `#` after `://` — keeps the user name and
+///   hides the password (an empty password, Fedora's `fedora:@`, hides nothing);
+/// - in any other text with an `@` (a password with a raw `/`, `?`, `#` or `@` after the host
+///   part, a missing or misspelt `://`, a `@` in the path), everything from the scheme's `:` (or
+///   the start, when there is no scheme) up to the last `@` is hidden: `amqp:***@host/`;
+/// - text without an `@` has no password and is shown as it is.
 pub fn redact(url: &str) -> String {
-    let Some(start) = url.find("://").map(|i| i + 3) else {
-        return url.to_owned();
+    match shape(url) {
+        Shape::NoPassword => url.to_owned(),
+        Shape::UserInfo { start, at } => match url[start..at].split_once(':') {
+            // The user name ends at the first ':'.
+            Some((user, password)) if !password.is_empty() => {
+                format!("{}{user}:***{}", &url[..start], &url[at..])
+            }
+            _ => url.to_owned(),
+        },
+        Shape::Malformed { keep, at } => format!("{}***{}", &url[..keep], &url[at..]),
+    }
+}
+
+/// Where the password may be in a URL's text (see [`redact`]).
+#[derive(Debug, PartialEq, Eq)]
+enum Shape {
+    /// No '@': no password.
+    NoPassword,
+    /// `scheme://USERINFO@host…`: `url[start..at]` is the user information.
+    UserInfo { start: usize, at: usize },
+    /// An '@' anywhere else: `url[keep..at]` may hold a password.
+    Malformed { keep: usize, at: usize },
+}
+
+fn shape(url: &str) -> Shape {
+    let Some(at) = url.rfind('@') else {
+        return Shape::NoPassword;
     };
-    let rest = &url[start..];
-    let authority_end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
-    let authority = &rest[..authority_end];
-    if let Some(at) = authority.rfind('@') {
-        let userinfo = &authority[..at];
-        return match userinfo.split_once(':') {
-            // An empty password (Fedora's `fedora:@`) hides nothing.
-            Some((_, "")) | None => url.to_owned(),
-            Some((user, _)) => format!("{}{user}:***{}", &url[..start], &rest[at..]),
-        };
+    let scheme_end = scheme_end(url);
+    if let Some(colon) = scheme_end
+        && url[colon..].starts_with("://")
+    {
+        let start = colon + 3;
+        let authority_end = url[start..]
+            .find(['/', '?', '#'])
+            .map_or(url.len(), |i| start + i);
+        if at < authority_end {
+            return Shape::UserInfo { start, at };
+        }
     }
-    match rest.rfind('@') {
-        Some(at) => format!("{}***{}", &url[..start], &rest[at..]),
-        None => url.to_owned(),
+    // Keep the scheme, its ':' and the '/'s after it (never an '@': a scheme has none).
+    let keep = scheme_end.map_or(0, |colon| {
+        let after = &url[colon + 1..];
+        colon + 1 + (after.len() - after.trim_start_matches('/').len())
+    });
+    Shape::Malformed {
+        keep: keep.min(at),
+        at,
     }
+}
+
+/// The index of the ':' that ends the URL's scheme: a letter, then letters, digits, '+', '-'
+/// or '.' (RFC 3986).
+fn scheme_end(url: &str) -> Option<usize> {
+    url.find(':').filter(|&colon| {
+        let scheme = &url[..colon];
+        scheme.starts_with(|c: char| c.is_ascii_alphabetic())
+            && scheme
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+    })
 }
 
 /// Parse a pika-style AMQP URL.
 pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
     let redacted = redact(raw);
+    // An '@' after the host part means a user name or password with a raw '/', '?', '#' or '@'
+    // (or an '@' in the vhost): where the user information ends is a guess, and a wrong guess
+    // would put the password in the host, the vhost or a query value, and from there into an
+    // error message. Refuse it before anything is parsed.
+    if !scheme_end(raw).is_some_and(|colon| raw[colon..].starts_with("://")) {
+        bail!("invalid broker URL {redacted}: it must start with amqp:// or amqps://");
+    }
+    if let Shape::Malformed { .. } = shape(raw) {
+        bail!(
+            "invalid broker URL {redacted}: it has an '@' after the host part; percent-encode \
+             special characters of the user name, password and vhost: %2F for /, %40 for @, \
+             %3A for :, %3F for ?, %23 for #"
+        );
+    }
     let parsed = url::Url::parse(raw).with_context(|| {
         format!(
             "invalid broker URL {redacted} (percent-encode special characters of the user \
@@ -172,14 +239,14 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
             }
             "connection_timeout" | "stack_timeout" => {
                 connection_timeout = Some(
-                    positive_seconds(&value)
-                        .ok_or_else(|| bad("must be a number of seconds greater than 0"))?,
+                    limits::parse_seconds(&value, false)
+                        .map_err(|r| bad(&format!("must be {r}")))?,
                 );
             }
             "socket_timeout" => {
                 socket_timeout = Some(
-                    positive_seconds(&value)
-                        .ok_or_else(|| bad("must be a number of seconds greater than 0"))?,
+                    limits::parse_seconds(&value, false)
+                        .map_err(|r| bad(&format!("must be {r}")))?,
                 );
             }
             "connection_attempts" => {
@@ -190,11 +257,8 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
                     .ok_or_else(|| bad("must be a whole number of at least 1"))?;
             }
             "retry_delay" => {
-                retry_delay = value
-                    .parse()
-                    .ok()
-                    .and_then(|secs| Duration::try_from_secs_f64(secs).ok())
-                    .ok_or_else(|| bad("must be a number of seconds, 0 or more"))?;
+                retry_delay = limits::parse_seconds(&value, true)
+                    .map_err(|r| bad(&format!("must be {r}")))?;
             }
             "channel_max" => {
                 query.channel_max = Some(
@@ -270,14 +334,6 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
     })
 }
 
-/// A number of seconds greater than 0 (pika accepts fractions).
-fn positive_seconds(value: &str) -> Option<Duration> {
-    let secs: f64 = value.parse().ok()?;
-    Duration::try_from_secs_f64(secs)
-        .ok()
-        .filter(|d| !d.is_zero())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,54 +390,95 @@ mod tests {
     }
 
     #[test]
-    fn redaction_hides_only_the_password() {
-        assert_eq!(
-            redact("amqp://user:secret@host/%2F"),
-            "amqp://user:***@host/%2F"
-        );
-        assert_eq!(redact("amqp://host/"), "amqp://host/");
-        assert_eq!(redact("amqp://u:s@cr:et@[bad"), "amqp://u:***@[bad");
-        // Fedora's empty password has nothing to hide.
-        assert_eq!(
-            redact("amqps://fedora:@rabbitmq.fedoraproject.org/%2Fpublic_pubsub"),
-            "amqps://fedora:@rabbitmq.fedoraproject.org/%2Fpublic_pubsub"
-        );
-        assert_eq!(
-            redact("amqp://?connection_attempts=3"),
-            "amqp://?connection_attempts=3"
-        );
-        assert_eq!(redact("not a url"), "not a url");
+    fn redaction_hides_only_the_password_of_a_well_formed_url() {
+        for (raw, shown) in [
+            ("amqp://user:s3cr3t@host/%2F", "amqp://user:***@host/%2F"),
+            ("amqps://u:s3cr3t@h:5671/%2F", "amqps://u:***@h:5671/%2F"),
+            // '@' and ':' are allowed in the password: the user information ends at the last
+            // '@' of the authority, the user name at its first ':'.
+            ("amqp://u:s3@cr3t@h/v?x=1", "amqp://u:***@h/v?x=1"),
+            ("amqp://u:s3:cr:3t@[bad", "amqp://u:***@[bad"),
+            ("amqp://u:s3cr3t%2F%40@h/", "amqp://u:***@h/"),
+            ("http://user:s3cr3t@host/", "http://user:***@host/"),
+            // Nothing to hide.
+            ("amqp://host/", "amqp://host/"),
+            ("amqp://u@h/", "amqp://u@h/"),
+            (
+                "amqp://?connection_attempts=3",
+                "amqp://?connection_attempts=3",
+            ),
+            ("not a url", "not a url"),
+            (
+                "amqps://fedora:@rabbitmq.fedoraproject.org/%2Fpublic_pubsub",
+                "amqps://fedora:@rabbitmq.fedoraproject.org/%2Fpublic_pubsub",
+            ),
+        ] {
+            assert_eq!(redact(raw), shown, "{raw}");
+        }
     }
 
+    /// Every malformed shape seen leaking a password (issue 17), and passwords with every
+    /// special character, raw: the redacted form of each.
+    const MALFORMED: &[(&str, &str)] = &[
+        ("amqp:user:s3cr3t@host/%2F", "amqp:***@host/%2F"),
+        ("amqp:/user:s3cr3t@host/", "amqp:/***@host/"),
+        ("amqp//user:s3cr3t@host/", "***@host/"),
+        ("AMQP:user:s3cr3t@host/", "AMQP:***@host/"),
+        ("amqp:///user:s3cr3t@host/", "amqp:///***@host/"),
+        ("amqpx://user:pa/ss@host/", "amqpx://***@host/"),
+        ("amqp://user:p@ss/w@host/", "amqp://***@host/"),
+        ("amqp://u:s3cr3t/x@host/vh", "amqp://***@host/vh"),
+        ("amqp://u:s3cr3t?x@host/", "amqp://***@host/"),
+        ("amqp://u:s3c#r3t@host:5672/%2F", "amqp://***@host:5672/%2F"),
+        ("amqp://u:s3cr3t@h/x@y", "amqp://***@y"),
+        ("user:s3cr3t@host", "user:***@host"),
+        ("//user:s3cr3t@host", "***@host"),
+        (" amqp://u:s3cr3t@h/", "***@h/"),
+    ];
+
     #[test]
-    fn redaction_hides_passwords_with_unencoded_special_characters() {
-        // A raw '/', '?' or '#' ends the authority early: the '@' comes later.
-        for (raw, shown) in [
-            ("amqp://u:pa/ss@host/vh", "amqp://***@host/vh"),
-            ("amqp://u:1234?x@host/", "amqp://***@host/"),
-            ("amqp://u:p#w@host:5672/%2F", "amqp://***@host:5672/%2F"),
-        ] {
-            assert_eq!(redact(raw), shown);
+    fn redaction_hides_everything_up_to_the_last_at_of_a_malformed_url() {
+        for (raw, shown) in MALFORMED {
+            let redacted = redact(raw);
+            assert_eq!(redacted, *shown, "{raw}");
+            assert!(
+                !redacted.contains("s3c") && !redacted.contains("pa/ss"),
+                "{raw}"
+            );
         }
     }
 
     #[test]
     fn parse_errors_never_show_the_password() {
-        for raw in [
-            "amqp://u:pa/ss@host/vh",
-            "amqp://u:s3cret@host:notaport/",
-            "amqp://u:s3cret@host/?heartbeat=x",
-            "amqp://u:s3cret@host/a/b",
-            "ftp://u:s3cret@host/",
-        ] {
+        let well_formed = [
+            "amqp://u:s3cr3t@host:notaport/",
+            "amqp://u:s3cr3t@host/?heartbeat=x",
+            "amqp://u:s3cr3t@host/?socket_timeout=1e19",
+            "amqp://u:s3cr3t@host/a/b",
+            "amqp://u:s3cr3t@[::1/",
+            "amqp://u:s3cr3t%ff@host/",
+            "ftp://u:s3cr3t@host/",
+        ];
+        let malformed = MALFORMED.iter().map(|(raw, _)| *raw);
+        for raw in well_formed.into_iter().chain(malformed) {
             let err = format!("{:#}", parse(raw).unwrap_err());
-            assert!(!err.contains("s3cret") && !err.contains("pa/ss"), "{err}");
-            assert!(err.contains("***"), "{err}");
+            assert!(
+                !err.contains("s3c") && !err.contains("pa/ss") && !err.contains("p@ss"),
+                "{raw}: {err}"
+            );
+            assert!(err.contains("***"), "{raw}: {err}");
         }
         let err = format!("{:#}", parse("amqp://u:pa/ss@host/vh").unwrap_err());
-        assert!(
-            err.contains("percent-encode") && err.contains("%2F for /"),
-            "{err}"
+        assert_eq!(
+            err,
+            "invalid broker URL amqp://***@host/vh: it has an '@' after the host part; \
+             percent-encode special characters of the user name, password and vhost: %2F for /, \
+             %40 for @, %3A for :, %3F for ?, %23 for #"
+        );
+        let err = format!("{:#}", parse("amqp:user:s3cr3t@host/%2F").unwrap_err());
+        assert_eq!(
+            err,
+            "invalid broker URL amqp:***@host/%2F: it must start with amqp:// or amqps://"
         );
     }
 
@@ -452,12 +549,18 @@ mod tests {
             Duration::ZERO
         );
         for (query, expected) in [
-            ("connection_timeout=0", "greater than 0"),
-            ("socket_timeout=-1", "greater than 0"),
-            ("connection_timeout=inf", "greater than 0"),
+            ("connection_timeout=0", "from 0.001 to 86400 (1 day)"),
+            ("socket_timeout=-1", "from 0.001 to 86400 (1 day)"),
+            ("connection_timeout=inf", "from 0.001 to 86400 (1 day)"),
+            ("connection_timeout=1e19", "from 0.001 to 86400 (1 day)"),
+            ("stack_timeout=nan", "from 0.001 to 86400 (1 day)"),
+            ("socket_timeout=1e19", "from 0.001 to 86400 (1 day)"),
+            ("socket_timeout=soon", "from 0.001 to 86400 (1 day)"),
             ("connection_attempts=0", "at least 1"),
-            ("retry_delay=-1", "0 or more"),
-            ("retry_delay=1e300", "0 or more"),
+            ("retry_delay=-1", "from 0 to 86400 (1 day)"),
+            ("retry_delay=1e300", "from 0 to 86400 (1 day)"),
+            ("retry_delay=1e19", "from 0 to 86400 (1 day)"),
+            ("retry_delay=86401", "from 0 to 86400 (1 day)"),
             ("channel_max=0", "1 to 65535"),
             ("frame_max=100", "4096 to 131072"),
             ("auth_mechanism=gssapi", "external, plain or amqplain"),

@@ -36,6 +36,7 @@ use super::abi::{
     fm_handle_fn, fm_host, fm_message, fm_plugin, fm_plugin_v1_fn, fm_shutdown_fn,
 };
 use crate::error::{Exit, code};
+use crate::limits;
 use crate::message::Received;
 
 /// Bytes in the error buffer lent to `init` and `handle`, NUL included. Enough for a sentence
@@ -87,8 +88,10 @@ impl Plugin {
 
     fn load_inner(path: &Path, consumer_config_json: &str) -> anyhow::Result<Plugin> {
         let shown = path.display();
-        if let Err(e) = std::fs::metadata(path) {
-            bail!("cannot load plugin {shown}: {e}; check the plugin path in the configuration");
+        // A regular file (of any size: it is mapped, not read): opening a FIFO would block
+        // until something writes to it.
+        if let Err(e) = limits::check_file(path, None, "plugin") {
+            bail!("cannot load {e:#}; check the plugin path in the configuration");
         }
         // dlopen looks a bare file name up in the library search path instead of the current
         // directory; the configuration means a file, so make it a path.
@@ -782,8 +785,28 @@ mod tests {
         let (text, code) = refusal(Path::new("/nonexistent/libnothing.so"), "{}");
         assert_eq!(
             text,
-            "cannot load plugin /nonexistent/libnothing.so: No such file or directory \
-             (os error 2); check the plugin path in the configuration"
+            "cannot load plugin /nonexistent/libnothing.so cannot be read: no such file or \
+             directory; check the plugin path in the configuration"
+        );
+        assert_eq!(code, code::FAILURE);
+
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("libfifo.so");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let (text, code) = refusal(&fifo, "{}");
+        assert_eq!(
+            text,
+            format!(
+                "cannot load plugin {} is not a regular file: it is a FIFO (named pipe); check \
+                 the plugin path in the configuration",
+                fifo.display()
+            )
         );
         assert_eq!(code, code::FAILURE);
 

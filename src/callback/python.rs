@@ -30,7 +30,8 @@ use tracing::level_filters::LevelFilter;
 
 use super::worker::{Pool, Spec, Transport};
 use crate::config::{Config, LogConfig};
-use crate::error::{Exit, exit_code_of};
+use crate::error::{Exit, code, exit_code_of};
+use crate::limits;
 use crate::shutdown::Shutdown;
 
 /// The shim's source, embedded at build time.
@@ -80,6 +81,7 @@ pub async fn start(
     interpreter: &Path,
     shutdown: Shutdown,
 ) -> anyhow::Result<Pool> {
+    check_callback_file(target).map_err(|e| Exit::new(code::USAGE, e))?;
     Pool::start(
         spec(config, target, interpreter),
         &config.callback,
@@ -100,6 +102,24 @@ pub async fn start(
             ),
         )
     })
+}
+
+/// The file of a `path/to/file.py:attribute` target (`--callback-file`, or `[callback] python`
+/// naming a file), which the shim executes: a regular file of at most 1 MiB, so that a FIFO or
+/// a device is refused with its name instead of hanging the interpreter. A module target has
+/// no file to check.
+pub fn check_callback_file(target: &str) -> anyhow::Result<()> {
+    match target.rsplit_once(':') {
+        Some((file, _)) if file.ends_with(".py") => {
+            limits::check_file(
+                Path::new(file),
+                Some(limits::MAX_FILE_BYTES),
+                "the python callback file",
+            )?;
+            Ok(())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// `[log_config]` levels as the shim's `FM_LOG_LEVELS`: `{"root": "WARNING", "loggers":
@@ -125,6 +145,42 @@ fn log_levels(log: &LogConfig) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_callback_file_must_be_a_regular_file_of_at_most_1_mib() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("cb.py");
+        std::fs::write(&file, "def cb(message): pass\n").unwrap();
+        check_callback_file(&format!("{}:cb", file.display())).unwrap();
+        // Module targets have no file to check.
+        check_callback_file("pkg.mod:cb").unwrap();
+        let big = dir.path().join("big.py");
+        std::fs::File::create(&big)
+            .unwrap()
+            .set_len((1 << 20) + 1)
+            .unwrap();
+        let folder = dir.path().join("folder.py");
+        std::fs::create_dir(&folder).unwrap();
+        for (target, expected) in [
+            (
+                format!("{}:cb", folder.display()),
+                format!(
+                    "{} is not a regular file: it is a directory",
+                    folder.display()
+                ),
+            ),
+            (
+                format!("{}:cb", big.display()),
+                format!("{} is larger than 1 MiB", big.display()),
+            ),
+        ] {
+            let err = format!("{:#}", check_callback_file(&target).unwrap_err());
+            assert!(
+                err.starts_with("the python callback file ") && err.contains(&expected),
+                "{err}"
+            );
+        }
+    }
 
     #[test]
     fn the_shim_gets_the_target_the_interpreter_and_the_settings() {

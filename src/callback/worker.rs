@@ -668,7 +668,7 @@ impl Worker {
             input.write_all(&line).await?;
             input.flush().await
         };
-        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let deadline = timeout.map(crate::limits::deadline_in);
         let too_late = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,

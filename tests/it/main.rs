@@ -12,6 +12,7 @@ mod docs;
 mod exec;
 mod failover;
 mod faults;
+mod fuzz;
 mod hostile;
 mod ops;
 mod publish;
