@@ -205,6 +205,11 @@ impl Default for LogConfig {
     }
 }
 
+/// The most messages handled at once. Each slot is a thread (plugins), a process (worker mode)
+/// or a process per message (exec mode): 65,535 once started as many processes (issue 17), and
+/// a thousand is already more than a callback waiting on a database or a web service needs.
+pub const MAX_CONCURRENCY: usize = 1024;
+
 /// `callback` (a string) or `[callback]` (a table, fm): what handles each message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallbackConfig {
@@ -1213,12 +1218,13 @@ impl<'t> Parser<'t> {
         if let Some(n) = raw.concurrency {
             cb.concurrency = usize::try_from(*n.get_ref())
                 .ok()
-                .filter(|n| (1..=65535).contains(n))
+                .filter(|n| (1..=MAX_CONCURRENCY).contains(n))
                 .ok_or_else(|| {
                     self.err(
                         n.span(),
                         format!(
-                            "[callback] concurrency must be between 1 and 65535, not {}",
+                            "[callback] concurrency must be between 1 and {MAX_CONCURRENCY}, \
+                             not {}",
                             n.get_ref()
                         ),
                     )
@@ -2222,7 +2228,7 @@ mod tests {
             ),
             (
                 "command = [\"x\"]\nconcurrency = 0",
-                "concurrency must be between 1 and 65535, not 0",
+                "concurrency must be between 1 and 1024, not 0",
             ),
             (
                 "command = [\"x\"]\non_error = \"ignore\"",
