@@ -293,3 +293,78 @@ async fn running_out_of_file_descriptors_delays_exec_mode_without_failing_it() {
     fm.wait().await.assert_code(0);
     s.cleanup(&b).await;
 }
+
+/// SIGHUP (the terminal fm ran in closed) once ended fm at once, with no log line and no
+/// drain. It now stops fm the way SIGTERM does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sighup_stops_gracefully() {
+    let Some(b) = util::broker() else { return };
+    let queue = util::unique("hup");
+    let (_keep, out) = out_file();
+    let proc = consuming(&config(b.url(), &queue, &out, Extra::default())).await;
+    proc.kill("HUP");
+    let output = proc.wait().await;
+    output.assert_code(0);
+    assert!(
+        output
+            .stderr
+            .contains("received SIGHUP: finishing in-flight messages, then stopping"),
+        "{}",
+        output.stderr
+    );
+    b.delete_queue(&queue).await;
+}
+
+/// An ack sent on a connection the broker has closed (a lost heartbeat, here a closed
+/// connection) never arrives: the message comes again. fm once logged it as consumed and
+/// counted it as processed; now it says the ack failed, and the message is consumed when it
+/// comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_whose_ack_is_lost_is_not_reported_consumed() {
+    let Some(b) = util::broker() else { return };
+    let queue = util::unique("lost-ack");
+    let app = util::unique("lost-ack-app");
+    let (_keep, out) = out_file();
+    let extra = Extra {
+        top: &format!("[client_properties]\napp = \"{app}\"\n"),
+        ..Extra::default()
+    };
+    let mut proc = consuming(&config(b.url(), &queue, &out, extra)).await;
+    let id = b
+        .publish_fedora("amq.topic", &format!("{queue}.slow2"), &json!({}))
+        .await;
+    wait_for_lines(&proc, &out, 1).await; // in the callback for two seconds
+    let listed = b
+        .rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"])
+        .await;
+    let pid = listed
+        .lines()
+        .find(|l| l.contains(&app))
+        .and_then(|l| l.split('\t').next())
+        .unwrap_or_else(|| panic!("fm's connection is not listed:\n{listed}"))
+        .to_owned();
+    b.rabbitmqctl(&["close_connection", &pid, "the test cuts fm off"])
+        .await;
+    proc.wait_for_stderr("could not settle the message").await;
+    // Delivered again on the new connection, and consumed this time.
+    wait_for_lines(&proc, &out, 2).await;
+    proc.wait_for_stderr(&format!(
+        "Successfully consumed message from topic {queue}.slow2"
+    ))
+    .await;
+    proc.kill("TERM");
+    let output = proc.wait().await;
+    output.assert_code(0);
+    assert_eq!(
+        output
+            .stderr
+            .matches(&format!(
+                "Successfully consumed message from topic {queue}.slow2 (message id {id})"
+            ))
+            .count(),
+        1,
+        "consumed once, when its ack arrived:\n{}",
+        output.stderr
+    );
+    b.delete_queue(&queue).await;
+}
