@@ -36,6 +36,7 @@ pub mod publish;
 pub mod record;
 pub mod shutdown;
 pub mod stats;
+pub mod time;
 
 use std::process::ExitCode;
 use std::sync::Arc;

@@ -85,8 +85,8 @@ mod progress;
 mod report;
 
 use failed::FailedFile;
-pub use input::{parse_header, parse_line, parse_severity};
 use input::{Item, Read, Source, adhoc_message};
+pub use input::{parse_header, parse_line, parse_severity};
 use pipeline::{InFlight, Outgoing};
 use progress::Progress;
 use report::plural;

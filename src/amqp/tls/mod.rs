@@ -35,6 +35,14 @@ use rustls::{ClientConfig, RootCertStore};
 
 use crate::config::Tls;
 use crate::limits;
+use crate::time;
+
+mod der;
+mod explain;
+mod files;
+
+use explain::explain;
+use files::{key_error, read_certs, read_key};
 
 /// The TLS set-up from `[tls]`, read and checked: what every `amqps://` connection uses.
 pub struct Settings {
@@ -142,7 +150,7 @@ impl Settings {
             ca_cert: tls.ca_cert.clone(),
             client: Some(client),
         };
-        settings.warn_about_dates(now());
+        settings.warn_about_dates(time::now_unix());
         Ok(settings)
     }
 
@@ -177,7 +185,7 @@ impl Settings {
             port,
             self.ca_cert.as_deref(),
             self.client.as_ref(),
-            now(),
+            time::now_unix(),
         )
     }
 }
@@ -189,14 +197,14 @@ fn date_warning(cert: &ClientCert, now: i64) -> Option<String> {
             "[tls] certfile {} expired on {}: brokers refuse expired client certificates; \
              renew it",
             cert.describe(),
-            format_time(cert.not_after?)
+            time::human(cert.not_after?)
         ))
     } else if cert.not_yet_valid_at(now) {
         Some(format!(
             "[tls] certfile {} is not valid before {}: brokers refuse it until then (is this \
              machine's clock right?)",
             cert.describe(),
-            format_time(cert.not_before?)
+            time::human(cert.not_before?)
         ))
     } else {
         None
@@ -237,78 +245,6 @@ fn system_roots() -> anyhow::Result<RootCertStore> {
     Ok(roots)
 }
 
-/// A `[tls]` file, read whole: a regular file of at most 1 MiB ([`limits::read_bounded`]), so
-/// `ca_cert = "/dev/zero"` is an error, not a read that never ends.
-fn read_file(key: &str, path: &Path) -> anyhow::Result<Vec<u8>> {
-    limits::read_bounded(path, limits::MAX_FILE_BYTES, &format!("[tls] {key}"))
-        .map_err(|e| anyhow!("{e:#}; fix the path in the [tls] table"))
-}
-
-fn read_certs(key: &str, path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let pem = read_file(key, path)?;
-    let certs = CertificateDer::pem_slice_iter(&pem)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| {
-            anyhow!(
-                "[tls] {key} {} is not a valid PEM file ({e}); give PEM certificates \
-                 (\"-----BEGIN CERTIFICATE-----\")",
-                path.display()
-            )
-        })?;
-    if certs.is_empty() {
-        bail!(
-            "[tls] {key} {} holds no PEM certificate (\"-----BEGIN CERTIFICATE-----\"){}",
-            path.display(),
-            if key == "certfile" && PrivateKeyDer::from_pem_slice(&pem).is_ok() {
-                "; it holds a private key: did you swap certfile and keyfile?"
-            } else {
-                ""
-            }
-        );
-    }
-    Ok(certs)
-}
-
-fn read_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
-    let pem = read_file("keyfile", path)?;
-    PrivateKeyDer::from_pem_slice(&pem).map_err(|e| {
-        let text = String::from_utf8_lossy(&pem);
-        let why = if text.contains("BEGIN ENCRYPTED PRIVATE KEY") {
-            "the key is encrypted; fm needs an unencrypted key (decrypt it with `openssl pkey \
-             -in KEY -out NEW`, and keep NEW readable only by fm's user)"
-                .to_owned()
-        } else if text.contains("BEGIN CERTIFICATE") {
-            "it holds a certificate but no private key: did you swap certfile and keyfile?"
-                .to_owned()
-        } else {
-            format!(
-                "no private key found ({e}); give a PEM key: \"BEGIN PRIVATE KEY\" (PKCS#8), \
-                 \"BEGIN RSA PRIVATE KEY\" (PKCS#1) or \"BEGIN EC PRIVATE KEY\" (SEC1)"
-            )
-        };
-        anyhow!("[tls] keyfile {} is not usable: {why}", path.display())
-    })
-}
-
-/// rustls refused the certificate and key pair.
-fn key_error(err: rustls::Error, cert: &Path, key: &Path) -> anyhow::Error {
-    match err {
-        rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => anyhow!(
-            "[tls] keyfile {} does not match certfile {}: the key is not the private key of \
-             the certificate (the first one in certfile); give the key the certificate was \
-             issued for",
-            key.display(),
-            cert.display()
-        ),
-        other => anyhow!(
-            "[tls] keyfile {} cannot be used with certfile {}: {other}; fm supports RSA \
-             (2048 to 8192 bits), ECDSA P-256/P-384 and Ed25519 keys",
-            key.display(),
-            cert.display()
-        ),
-    }
-}
-
 fn client_cert(path: &Path, der: &CertificateDer<'_>) -> ClientCert {
     let info = der::parse_certificate(der.as_ref());
     ClientCert {
@@ -320,211 +256,8 @@ fn client_cert(path: &Path, der: &CertificateDer<'_>) -> ClientCert {
     }
 }
 
-/// Seconds since the Unix epoch.
-fn now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// "2020-01-02 00:00:00 UTC".
-pub fn format_time(unix: i64) -> String {
-    let days = unix.div_euclid(86_400);
-    let secs = unix.rem_euclid(86_400);
-    let (y, m, d) = der::civil_from_days(days);
-    format!(
-        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02} UTC",
-        secs / 3600,
-        secs / 60 % 60,
-        secs % 60
-    )
-}
-
 fn unix(t: rustls::pki_types::UnixTime) -> i64 {
     i64::try_from(t.as_secs()).unwrap_or(i64::MAX)
-}
-
-/// Where the trust for the broker's certificate comes from, for messages.
-struct Trust<'a>(Option<&'a Path>);
-
-impl fmt::Display for Trust<'_> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.0 {
-            Some(path) => write!(f, "[tls] ca_cert {}", path.display()),
-            None => f.write_str("the system's trust store ([tls] ca_cert is not set)"),
-        }
-    }
-}
-
-/// The explanation behind [`Settings::explain`], with everything it depends on as arguments.
-fn explain(
-    err: &rustls::Error,
-    host: &str,
-    port: u16,
-    ca_cert: Option<&Path>,
-    client: Option<&ClientCert>,
-    now: i64,
-) -> String {
-    use rustls::{AlertDescription as A, CertificateError as C, Error as E};
-    let trust = Trust(ca_cert);
-    let ours = || match client {
-        Some(c) => format!("fm's client certificate, [tls] certfile {}", c.describe()),
-        None => "fm's client certificate".to_owned(),
-    };
-    let why = match err {
-        // fm refused the broker's certificate.
-        E::InvalidCertificate(C::UnknownIssuer) => format!(
-            "the broker's certificate is not signed by a CA fm trusts: {trust} does not hold \
-             its issuer; set ca_cert to the PEM bundle of the CA that signed it"
-        ),
-        E::InvalidCertificate(C::NotValidForNameContext { presented, .. }) => format!(
-            "the broker's certificate is not valid for the host name {host:?} in amqp_url (it \
-             is valid for {}); connect with one of those names",
-            presented_names(presented)
-        ),
-        E::InvalidCertificate(C::NotValidForName) => format!(
-            "the broker's certificate is not valid for the host name {host:?} in amqp_url; \
-             connect with a name the certificate was issued for"
-        ),
-        E::InvalidCertificate(C::ExpiredContext { not_after, .. }) => format!(
-            "the broker's certificate expired on {}; the broker's administrator must renew it \
-             (or this machine's clock is wrong)",
-            format_time(unix(*not_after))
-        ),
-        E::InvalidCertificate(C::Expired) => "the broker's certificate has expired; the \
-             broker's administrator must renew it (or this machine's clock is wrong)"
-            .to_owned(),
-        E::InvalidCertificate(C::NotValidYetContext { not_before, .. }) => format!(
-            "the broker's certificate is not valid before {}; is this machine's clock right?",
-            format_time(unix(*not_before))
-        ),
-        E::InvalidCertificate(C::NotValidYet) => {
-            "the broker's certificate is not valid yet; is this machine's clock right?".to_owned()
-        }
-        E::InvalidCertificate(C::Revoked) => "the broker's certificate has been revoked".into(),
-        E::InvalidCertificate(C::InvalidPurpose | C::InvalidPurposeContext { .. }) => {
-            "the broker's certificate is not meant for a TLS server (extended key usage); the \
-             broker's administrator must reissue it"
-                .to_owned()
-        }
-        E::InvalidCertificate(C::Other(other))
-            if other.to_string().contains("UnsupportedCertVersion") =>
-        {
-            "the broker's certificate (or its CA) is an X.509 version 1 certificate, which \
-             rustls does not accept; reissue it as version 3"
-                .to_owned()
-        }
-        E::InvalidCertificate(other) => format!(
-            "the broker's certificate is not acceptable ({other:?}); check it against {trust}"
-        ),
-        E::NoCertificatesPresented => "the broker presented no certificate".to_owned(),
-
-        // The broker refused fm's client certificate (or the handshake).
-        E::AlertReceived(A::CertificateExpired) => match client {
-            Some(c) if c.expired_at(now) => format!(
-                "the broker refused {}: it expired on {}; renew it",
-                ours(),
-                c.not_after.map_or_else(String::new, format_time)
-            ),
-            Some(c) if c.not_yet_valid_at(now) => format!(
-                "the broker refused {}: it is not valid before {} (is this machine's clock \
-                 right?)",
-                ours(),
-                c.not_before.map_or_else(String::new, format_time)
-            ),
-            _ => format!(
-                "the broker refused {} as expired or not yet valid; renew it (or check the \
-                 broker's clock)",
-                ours()
-            ),
-        },
-        E::AlertReceived(A::UnknownCA) => format!(
-            "the broker does not trust the CA that issued {}; use a certificate signed by a CA \
-             the broker trusts (its ssl_options.cacertfile), or ask its administrator to add \
-             this CA",
-            ours()
-        ),
-        E::AlertReceived(A::CertificateRevoked) => {
-            format!("the broker refused {}: it has been revoked", ours())
-        }
-        E::AlertReceived(A::CertificateRequired) => {
-            "the broker requires a client certificate; set [tls] certfile and keyfile".to_owned()
-        }
-        E::AlertReceived(
-            A::BadCertificate | A::UnsupportedCertificate | A::CertificateUnknown | A::AccessDenied,
-        ) if client.is_some() => format!(
-            "the broker refused {} ({}); check that the broker accepts this certificate",
-            ours(),
-            alert_name(err)
-        ),
-        E::AlertReceived(A::HandshakeFailure) if client.is_none() => {
-            "the broker refused the TLS handshake; it probably requires a client certificate \
-             (set [tls] certfile and keyfile)"
-                .to_owned()
-        }
-        E::AlertReceived(A::HandshakeFailure | A::InsufficientSecurity) => format!(
-            "the broker refused the TLS handshake ({}): fm offers TLS 1.2 and 1.3 with modern \
-             ciphers only; check the broker's ssl_options (versions, ciphers){}",
-            alert_name(err),
-            if client.is_some() {
-                " and that it accepts fm's client certificate"
-            } else {
-                ""
-            }
-        ),
-        E::AlertReceived(A::ProtocolVersion) => "the broker does not accept TLS 1.2 or 1.3, \
-             the versions fm speaks; enable them in the broker's ssl_options.versions"
-            .to_owned(),
-        E::AlertReceived(A::DecryptError) if client.is_some() => format!(
-            "the broker could not verify the signature made with [tls] keyfile; is it the key \
-             of {}?",
-            ours()
-        ),
-        E::AlertReceived(_) => format!(
-            "the broker ended the TLS handshake with the alert {}",
-            alert_name(err)
-        ),
-
-        // Not TLS at all on the other end.
-        E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::PeerSentOversizedRecord => {
-            format!(
-                "{host}:{port} did not answer with TLS; is it a plain AMQP port? Use amqp:// \
-                 for it, or the broker's TLS port (usually 5671) with amqps://"
-            )
-        }
-        E::PeerIncompatible(why) => format!(
-            "the broker's TLS is not compatible with fm's (TLS 1.2 or 1.3, modern ciphers): \
-             {why:?}"
-        ),
-        other => format!("{other}"),
-    };
-    format!("TLS handshake with {host}:{port} failed: {why}")
-}
-
-/// `CertificateExpired` rather than `AlertReceived(CertificateExpired)`.
-fn alert_name(err: &rustls::Error) -> String {
-    match err {
-        rustls::Error::AlertReceived(alert) => format!("{alert:?}"),
-        other => other.to_string(),
-    }
-}
-
-/// webpki's presented names (`DnsName("localhost")`, `IpAddress(127.0.0.1)`) as plain names.
-fn presented_names(presented: &[String]) -> String {
-    if presented.is_empty() {
-        return "no name at all".to_owned();
-    }
-    presented
-        .iter()
-        .map(|name| {
-            let inner = name
-                .split_once('(')
-                .and_then(|(_, rest)| rest.strip_suffix(')'))
-                .unwrap_or(name);
-            inner.trim_matches('"').to_owned()
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// The rustls error inside an I/O error, if any (futures-rustls puts it there).
@@ -532,148 +265,9 @@ pub fn rustls_error(err: &std::io::Error) -> Option<&rustls::Error> {
     err.get_ref()?.downcast_ref::<rustls::Error>()
 }
 
-/// Just enough DER to read a certificate's validity and common names for messages. rustls
-/// and webpki do the real parsing and verification; this never decides anything.
-mod der {
-    /// What fm shows about a certificate.
-    pub struct CertInfo {
-        pub not_before: i64,
-        pub not_after: i64,
-        pub subject_cn: Option<String>,
-        pub issuer_cn: Option<String>,
-    }
-
-    const SEQUENCE: u8 = 0x30;
-    const SET: u8 = 0x31;
-    const OID: u8 = 0x06;
-    const UTC_TIME: u8 = 0x17;
-    const GENERALIZED_TIME: u8 = 0x18;
-    const VERSION: u8 = 0xa0;
-    /// 2.5.4.3, id-at-commonName.
-    const CN: &[u8] = &[0x55, 0x04, 0x03];
-
-    /// One tag-length-value off the front of `input`.
-    fn tlv<'a>(input: &mut &'a [u8]) -> Option<(u8, &'a [u8])> {
-        let (&tag, rest) = input.split_first()?;
-        let (&first, mut rest) = rest.split_first()?;
-        let len = if first < 0x80 {
-            usize::from(first)
-        } else {
-            let n = usize::from(first & 0x7f);
-            if n == 0 || n > 4 || rest.len() < n {
-                return None;
-            }
-            let len = rest[..n]
-                .iter()
-                .fold(0usize, |acc, b| acc << 8 | usize::from(*b));
-            rest = &rest[n..];
-            len
-        };
-        if rest.len() < len {
-            return None;
-        }
-        let (value, after) = rest.split_at(len);
-        *input = after;
-        Some((tag, value))
-    }
-
-    fn expect<'a>(input: &mut &'a [u8], tag: u8) -> Option<&'a [u8]> {
-        match tlv(input)? {
-            (t, value) if t == tag => Some(value),
-            _ => None,
-        }
-    }
-
-    pub fn parse_certificate(der: &[u8]) -> Option<CertInfo> {
-        let mut input = der;
-        let mut cert = expect(&mut input, SEQUENCE)?;
-        let mut tbs = expect(&mut cert, SEQUENCE)?;
-        if tbs.first() == Some(&VERSION) {
-            tlv(&mut tbs)?;
-        }
-        tlv(&mut tbs)?; // serialNumber
-        expect(&mut tbs, SEQUENCE)?; // signature
-        let issuer = expect(&mut tbs, SEQUENCE)?;
-        let mut validity = expect(&mut tbs, SEQUENCE)?;
-        let subject = expect(&mut tbs, SEQUENCE)?;
-        let not_before = time(&mut validity)?;
-        let not_after = time(&mut validity)?;
-        Some(CertInfo {
-            not_before,
-            not_after,
-            subject_cn: common_name(subject),
-            issuer_cn: common_name(issuer),
-        })
-    }
-
-    /// The last CN of a Name (RDNSequence), as text.
-    fn common_name(mut name: &[u8]) -> Option<String> {
-        let mut found = None;
-        while !name.is_empty() {
-            let mut set = expect(&mut name, SET)?;
-            while !set.is_empty() {
-                let mut attribute = expect(&mut set, SEQUENCE)?;
-                let oid = expect(&mut attribute, OID)?;
-                let (_, value) = tlv(&mut attribute)?;
-                if oid == CN {
-                    found = Some(String::from_utf8_lossy(value).into_owned());
-                }
-            }
-        }
-        found
-    }
-
-    /// UTCTime (`YYMMDDHHMMSSZ`) or GeneralizedTime (`YYYYMMDDHHMMSSZ`), as Unix seconds.
-    fn time(input: &mut &[u8]) -> Option<i64> {
-        let (tag, value) = tlv(input)?;
-        let text = std::str::from_utf8(value).ok()?.strip_suffix('Z')?;
-        let (year, rest) = match tag {
-            UTC_TIME if text.len() == 12 => {
-                let yy: i64 = text[..2].parse().ok()?;
-                // RFC 5280: 50..99 are 19xx, 00..49 are 20xx.
-                (if yy >= 50 { 1900 + yy } else { 2000 + yy }, &text[2..])
-            }
-            GENERALIZED_TIME if text.len() == 14 => (text[..4].parse().ok()?, &text[4..]),
-            _ => return None,
-        };
-        if !rest.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let field = |i: usize| rest[i..i + 2].parse::<i64>().ok();
-        let (month, day) = (field(0)?, field(2)?);
-        let (hour, minute, second) = (field(4)?, field(6)?, field(8)?);
-        if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
-            return None;
-        }
-        Some(days_from_civil(year, month, day) * 86_400 + hour * 3600 + minute * 60 + second)
-    }
-
-    /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's algorithm).
-    pub fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-        let y = if m <= 2 { y - 1 } else { y };
-        let era = y.div_euclid(400);
-        let yoe = y - era * 400;
-        let doy = (153 * (m + if m > 2 { -3 } else { 9 }) + 2) / 5 + d - 1;
-        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-        era * 146_097 + doe - 719_468
-    }
-
-    /// The date of a day count since 1970-01-01 (the inverse of [`days_from_civil`]).
-    pub fn civil_from_days(z: i64) -> (i64, i64, i64) {
-        let z = z + 719_468;
-        let era = z.div_euclid(146_097);
-        let doe = z - era * 146_097;
-        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-        let mp = (5 * doy + 2) / 153;
-        let d = doy - (153 * mp + 2) / 5 + 1;
-        let m = if mp < 10 { mp + 3 } else { mp - 9 };
-        (yoe + era * 400 + i64::from(m <= 2), m, d)
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::explain::presented_names;
     use super::*;
     use rustls::pki_types::{ServerName, UnixTime};
     use rustls::{AlertDescription as A, CertificateError as C, Error as E};
@@ -797,21 +391,7 @@ mod tests {
         }
     }
 
-    // ---- dates and DER ------------------------------------------------------------------
-
-    #[test]
-    fn dates_convert_both_ways() {
-        assert_eq!(der::days_from_civil(1970, 1, 1), 0);
-        assert_eq!(der::days_from_civil(2020, 1, 2) * 86_400, JAN_2_2020);
-        assert_eq!(der::days_from_civil(2000, 3, 1), 11_017);
-        for days in [-800_000, -1, 0, 59, 11_016, 18_263, 20_605, 2_000_000] {
-            let (y, m, d) = der::civil_from_days(days);
-            assert_eq!(der::days_from_civil(y, m, d), days, "{y}-{m}-{d}");
-        }
-        assert_eq!(format_time(JAN_2_2020), "2020-01-02 00:00:00 UTC");
-        assert_eq!(format_time(NOW + 3661), "2026-06-01 01:01:01 UTC");
-        assert_eq!(format_time(-1), "1969-12-31 23:59:59 UTC");
-    }
+    // ---- DER ------------------------------------------------------------------------
 
     #[test]
     fn validity_and_common_names_are_read_from_the_certificate() {
@@ -830,8 +410,8 @@ mod tests {
         // RFC 5280: two-digit years 50..99 are 19xx.
         let der = certificate("a", "b", &utc("500101000000Z"), &utc("491231235959Z"));
         let info = der::parse_certificate(&der).unwrap();
-        assert_eq!(format_time(info.not_before), "1950-01-01 00:00:00 UTC");
-        assert_eq!(format_time(info.not_after), "2049-12-31 23:59:59 UTC");
+        assert_eq!(time::human(info.not_before), "1950-01-01 00:00:00 UTC");
+        assert_eq!(time::human(info.not_after), "2049-12-31 23:59:59 UTC");
     }
 
     #[test]
