@@ -318,22 +318,27 @@ async fn sighup_stops_gracefully() {
 /// An ack sent on a connection the broker has closed (a lost heartbeat, here a closed
 /// connection) never arrives: the message comes again. fm once logged it as consumed and
 /// counted it as processed; now it says the ack failed, and the message is consumed when it
-/// comes back.
+/// comes back. The command holds the message until the connection is gone.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_whose_ack_is_lost_is_not_reported_consumed() {
     let Some(b) = util::broker() else { return };
-    let queue = util::unique("lost-ack");
+    let s = Setup::new(&b, "lost-ack").await;
     let app = util::unique("lost-ack-app");
-    let (_keep, out) = out_file();
-    let extra = Extra {
-        top: &format!("[client_properties]\napp = \"{app}\"\n"),
-        ..Extra::default()
-    };
-    let mut proc = consuming(&config(b.url(), &queue, &out, extra)).await;
-    let id = b
-        .publish_fedora("amq.topic", &format!("{queue}.slow2"), &json!({}))
-        .await;
-    wait_for_lines(&proc, &out, 1).await; // in the callback for two seconds
+    let command = serde_json::to_string(&[crate::exec::fixture("exec.sh")]).unwrap();
+    let config = s.fm_config(
+        &format!("command = {command}"),
+        &format!("[client_properties]\napp = \"{app}\"\n"),
+    );
+    let mut fm = s.fm(&config).spawn();
+    fm.wait_consuming().await;
+    let id = s.publish(&b, "gate", json!({})).await;
+    util::eventually(util::TIMEOUT, async || {
+        match s.out(&format!("{id}.waiting")).exists() {
+            true => Ok(()),
+            false => Err(format!("the command never started:\n{}", fm.stderr())),
+        }
+    })
+    .await;
     let listed = b
         .rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"])
         .await;
@@ -345,26 +350,23 @@ async fn a_message_whose_ack_is_lost_is_not_reported_consumed() {
         .to_owned();
     b.rabbitmqctl(&["close_connection", &pid, "the test cuts fm off"])
         .await;
-    proc.wait_for_stderr("could not settle the message").await;
+    fm.wait_for_stderr("connection lost").await;
+    std::fs::write(s.out(&format!("{id}.go")), "").unwrap();
+    fm.wait_for_stderr("could not settle the message").await;
     // Delivered again on the new connection, and consumed this time.
-    wait_for_lines(&proc, &out, 2).await;
-    proc.wait_for_stderr(&format!(
-        "Successfully consumed message from topic {queue}.slow2"
-    ))
-    .await;
-    proc.kill("TERM");
-    let output = proc.wait().await;
+    let consumed = format!(
+        "Successfully consumed message from topic {}.gate (message id {id})",
+        s.queue
+    );
+    fm.wait_for_stderr(&consumed).await;
+    fm.kill("TERM");
+    let output = fm.wait().await;
     output.assert_code(0);
     assert_eq!(
-        output
-            .stderr
-            .matches(&format!(
-                "Successfully consumed message from topic {queue}.slow2 (message id {id})"
-            ))
-            .count(),
+        output.stderr.matches(&consumed).count(),
         1,
         "consumed once, when its ack arrived:\n{}",
         output.stderr
     );
-    b.delete_queue(&queue).await;
+    s.cleanup(&b).await;
 }
