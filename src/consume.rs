@@ -65,6 +65,53 @@ pub struct Context {
     pub attempts: Attempts,
 }
 
+/// Consume with a ready callback until `shutdown` (a signal, a halt, a failure) or a fatal
+/// error, then shut the callback down: what `fm consume` and `fm record` run. The caller
+/// decides what stops it (`fm` installs the signal handlers on `shutdown`; a test may trigger
+/// it itself).
+pub async fn serve(
+    config: Arc<Config>,
+    handler: Handler,
+    shutdown: Shutdown,
+) -> anyhow::Result<u8> {
+    let handler = Arc::new(handler);
+    let stats = Arc::new(Stats::default());
+    let monitor = match &config.monitoring {
+        Some(m) => Some(crate::monitor::start(m, Arc::clone(&stats)).await?),
+        None => None,
+    };
+    let targets = config.amqp_urls.iter().map(|u| crate::amqp::url::redact(u));
+    let notifier = crate::notify::start(
+        Arc::clone(&stats),
+        shutdown.clone(),
+        targets.collect::<Vec<_>>().join(", "),
+    );
+    let queues: Vec<&str> = config
+        .queues
+        .iter()
+        .map(|(name, _)| name.as_str())
+        .collect();
+    let attempts = Attempts::open(
+        config.callback.max_redeliveries,
+        crate::attempts::state_folder(|name| std::env::var(name).ok()).as_deref(),
+        &crate::attempts::config_id(&queues),
+    );
+    let ctx = Arc::new(Context {
+        config,
+        handler: Arc::clone(&handler),
+        stats,
+        shutdown,
+        attempts,
+    });
+    let result = run(ctx).await;
+    if let Some(notifier) = notifier {
+        notifier.finish().await;
+    }
+    handler.shutdown().await;
+    drop(monitor);
+    result
+}
+
 /// Consume until a stop is asked for (signal, `Halt`, failure) or a fatal error.
 ///
 /// Returns the exit code of a clean stop (0, or a `Halt`'s code 0); a stop with a non-zero

@@ -2,17 +2,28 @@
 //! with fedora-messaging's configuration files, wire format, record files and exit codes.
 //!
 //! # Layout
+//! One room per concern; this file only declares them and dispatches the subcommands.
 //! - [`cli`]: the command line (clap); [`run`] dispatches its subcommands.
-//! - [`config`]: fedora-messaging TOML files, parsed raw and validated into [`config::Config`].
-//! - [`message`]: the message model, the AMQP wire format and the record-file JSON.
-//! - [`amqp`]: connecting (URLs, TLS, failover), declaring queues and bindings, broker errors.
-//! - [`consume`]: deliveries → callback → ack/nack, reconnection, the graceful stop.
-//! - [`publish`]: `fm publish`, pipelined with publisher confirms; [`record`]: `fm record`.
-//! - [`callback`]: what messages are handed to (native plugins, commands, workers, Python).
-//! - [`shutdown`]: the one stop path every loop listens to; [`stats`]: shared counters.
+//! - [`config`]: fedora-messaging TOML files: types and loading (`config/mod.rs`), the
+//!   validator (`parse.rs`), the callback table (`callback.rs`), command-line overrides
+//!   (`overrides.rs`).
+//! - [`message`]: the message model, the AMQP wire format and the record-file line;
+//!   [`json`]: JSON as Python reads and writes it (message bodies); [`time`]: calendar dates.
+//! - [`amqp`]: URLs (the one redactor), connecting (TLS in `amqp/tls/`, failover), declaring
+//!   queues and bindings, broker errors.
+//! - [`consume`]: [`consume::serve`] runs a callback over the configured queues until its
+//!   shutdown: deliveries → callback → ack/nack, reconnection, the graceful stop;
+//!   [`attempts`]: poison-message detection that survives crashes.
+//! - [`callback`]: what messages are handed to (native plugins, commands, workers, Python,
+//!   and `fm record`'s recorder).
+//! - [`publish`]: `fm publish`: input, pipeline, failed file, progress, report (`publish/`);
+//!   [`record`]: the `fm record` command.
+//! - [`shutdown`]: the one stop path every loop listens to, a parameter of every long-running
+//!   entry point; [`stats`]: shared counters.
 //! - [`error`]: exit codes; only `main` turns an error into one.
 //! - [`limits`]: the bounds on durations and files the configuration and command line name.
-//! - [`logging`]: tracing to stderr, levels from `log_config`, `-v`/`-q` and `FM_LOG`.
+//! - [`logging`]: tracing to stderr (one event, one line), levels from `log_config`, `-v`/`-q`
+//!   and `FM_LOG`.
 //! - Operations: [`monitor`] (HTTP `/live`, `/ready`, `/metrics`), [`notify`] (systemd
 //!   readiness, status and watchdog), [`check`] (`fm check`).
 
@@ -121,59 +132,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
 async fn consume_with(config: Arc<Config>) -> anyhow::Result<u8> {
     // Made first: workers that keep crashing stop fm through it.
     let shutdown = shutdown::Shutdown::new();
-    let handler = callback::Handler::build(&config, &shutdown).await?;
-    consume_until_stopped(config, handler, shutdown).await
-}
-
-/// Consume with a ready callback until stopped, then shut the callback down (`fm consume`,
-/// `fm record`).
-pub async fn consume_with_handler(
-    config: Arc<Config>,
-    handler: callback::Handler,
-) -> anyhow::Result<u8> {
-    consume_until_stopped(config, handler, shutdown::Shutdown::new()).await
-}
-
-async fn consume_until_stopped(
-    config: Arc<Config>,
-    handler: callback::Handler,
-    shutdown: shutdown::Shutdown,
-) -> anyhow::Result<u8> {
-    let handler = Arc::new(handler);
     shutdown::on_signals(shutdown.clone()).context("installing signal handlers")?;
-    let stats = Arc::new(stats::Stats::default());
-    let monitor = match &config.monitoring {
-        Some(m) => Some(monitor::start(m, Arc::clone(&stats)).await?),
-        None => None,
-    };
-    let targets = config.amqp_urls.iter().map(|u| amqp::url::redact(u));
-    let notifier = notify::start(
-        Arc::clone(&stats),
-        shutdown.clone(),
-        targets.collect::<Vec<_>>().join(", "),
-    );
-    let queues: Vec<&str> = config
-        .queues
-        .iter()
-        .map(|(name, _)| name.as_str())
-        .collect();
-    let attempts = attempts::Attempts::open(
-        config.callback.max_redeliveries,
-        attempts::state_folder(|name| std::env::var(name).ok()).as_deref(),
-        &attempts::config_id(&queues),
-    );
-    let ctx = Arc::new(consume::Context {
-        config,
-        handler: Arc::clone(&handler),
-        stats,
-        shutdown,
-        attempts,
-    });
-    let result = consume::run(ctx).await;
-    if let Some(notifier) = notifier {
-        notifier.finish().await;
-    }
-    handler.shutdown().await;
-    drop(monitor);
-    result
+    let handler = callback::Handler::build(&config, &shutdown).await?;
+    consume::serve(config, handler, shutdown).await
 }

@@ -78,8 +78,8 @@ pub fn deadline_in(after: Duration) -> tokio::time::Instant {
 }
 
 /// Check that `path` is a regular file (following symbolic links) of at most `limit` bytes;
-/// `what` names it in errors ("[tls] ca_cert", "plugin"): "[tls] ca_cert /dev/zero is not a
-/// regular file: it is a character device". Nothing is opened, so a FIFO cannot block.
+/// `what` names it in errors (`"[tls] ca_cert"`, `"plugin"`): `[tls] ca_cert /dev/zero is not
+/// a regular file: it is a character device`. Nothing is opened, so a FIFO cannot block.
 pub fn check_file(path: &Path, limit: Option<u64>, what: &str) -> anyhow::Result<Metadata> {
     let meta = std::fs::metadata(path).map_err(|e| {
         anyhow!(

@@ -18,7 +18,7 @@
 //! Output goes to stderr, with colours only on a terminal, and without timestamps when
 //! `JOURNAL_STREAM` says stderr is the systemd journal (which stamps lines itself). One event is
 //! one line, always: control characters in what an event carries (a topic, a message id, a
-//! command's output: anyone who can publish chooses them) are written escaped ([`OneLine`]).
+//! command's output: anyone who can publish chooses them) are written escaped (`OneLine`).
 //!
 //! The subscriber is installed once, by [`init_default`] before the configuration is read (so
 //! loading can log), and [`init`] then swaps in the configured levels through a reload handle.

@@ -8,6 +8,7 @@ pub mod abi;
 pub mod exec;
 pub mod plugin;
 pub mod python;
+pub mod record;
 pub mod worker;
 
 /// What a callback decided about one message.
@@ -47,7 +48,7 @@ pub enum Handler {
     /// A native plugin (`callback = "/path/lib.so"` or `[callback] plugin = …`).
     Plugin(Arc<plugin::Plugin>),
     /// `fm record`: write each message as a record-file line (see [`crate::record`]).
-    Record(Arc<crate::record::Recorder>),
+    Record(Arc<record::Recorder>),
     /// A program run per message (`[callback] command = […]`, `mode = "exec"`).
     Exec(Arc<exec::Exec>),
     /// Long-lived programs fed messages on stdin (`mode = "worker"`).
