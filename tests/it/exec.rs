@@ -48,7 +48,7 @@ async fn exit_0_acks_65_drops_and_75_requeues() {
     wait_settled(&mut fm, 4).await;
 
     assert!(s.out("").join(format!("{ack}.stdin")).is_file());
-    assert_eq!(s.dead_lettered(&b).await, [drop]);
+    assert_eq!(s.dead_lettered(&b, 1).await, [drop]);
     assert_eq!(
         s.read(&format!("{tempfail}.deliveries")),
         "false\ntrue\n",
@@ -80,7 +80,7 @@ async fn by_default_a_failing_command_requeues_and_exits_13() {
     );
     // fedora-messaging's failure path: the message goes back to the queue.
     b.wait_for_depth(&s.queue, 1).await;
-    assert!(s.dead_lettered(&b).await.is_empty());
+    assert!(s.dead_lettered(&b, 0).await.is_empty());
     s.cleanup(&b).await;
 }
 
@@ -98,7 +98,10 @@ async fn with_on_error_drop_other_statuses_and_signals_drop_the_message() {
     let ack = s.publish(&b, "ack", json!({})).await;
     wait_settled(&mut fm, 3).await;
 
-    assert_eq!(s.dead_lettered(&b).await, [status.clone(), signal.clone()]);
+    assert_eq!(
+        s.dead_lettered(&b, 2).await,
+        [status.clone(), signal.clone()]
+    );
     let err = fm.stderr();
     assert!(
         err.contains(&format!(
@@ -136,7 +139,7 @@ async fn with_on_error_requeue_a_failure_returns_the_message() {
     assert!(fm.stderr().contains(&format!(
         "'exec.sh' exited with status 3; returning message {id} to the queue"
     )));
-    assert!(s.dead_lettered(&b).await.is_empty());
+    assert!(s.dead_lettered(&b, 0).await.is_empty());
     fm.kill("TERM");
     fm.wait().await.assert_code(0);
     s.cleanup(&b).await;
@@ -163,7 +166,7 @@ async fn a_command_past_its_timeout_is_killed_with_its_children() {
     assert!(fm.stderr().contains(&format!(
         "'exec.sh' did not finish within the 1.0 s timeout and was killed; dropping message {id}"
     )));
-    assert_eq!(s.dead_lettered(&b).await, [id.as_str()]);
+    assert_eq!(s.dead_lettered(&b, 1).await, [id.as_str()]);
 
     // The program and the `sleep` it started are gone: fm reaped the program (no zombie left),
     // and the `sleep` died with its process group.
@@ -426,8 +429,11 @@ prefetch_size = 0
             .await
     }
 
-    /// The ids of the messages dead-lettered so far (taking them off the dead-letter queue).
-    pub async fn dead_lettered(&self, b: &Broker) -> Vec<String> {
+    /// The ids of the `n` messages dead-lettered (taking them off the dead-letter queue), once
+    /// there are `n`: the broker dead-letters a message a moment after fm's nack, which fm logs
+    /// just before sending it.
+    pub async fn dead_lettered(&self, b: &Broker, n: u32) -> Vec<String> {
+        b.wait_for_depth(&self.dlq, n).await;
         let mut ids = Vec::new();
         while let Some(d) = b.get(&self.dlq).await {
             ids.push(

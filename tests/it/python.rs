@@ -253,7 +253,11 @@ async fn run(
                 .to_owned(),
         );
     }
-    let dropped = s.dead_lettered(b).await;
+    // Both runners log each drop (fedora-messaging's words) just before nacking it.
+    let drops = text(&stderr)
+        .matches("Consumer requested message id")
+        .count();
+    let dropped = s.dead_lettered(b, drops as u32).await;
     Run {
         code: status.code(),
         stdout: text(&stdout),

@@ -51,7 +51,7 @@ async fn a_nul_byte_in_the_topic_or_id_drops_only_that_message_in_exec_mode() {
         "the id is named, its NUL escaped:\n{log}"
     );
     assert!(s.out(&format!("{good}.stdin")).is_file(), "{log}");
-    assert_eq!(s.dead_lettered(&b).await, ["id-topic", "id\0nul"]);
+    assert_eq!(s.dead_lettered(&b, 2).await, ["id-topic", "id\0nul"]);
     fm.kill("TERM");
     fm.wait().await.assert_code(0);
     s.cleanup(&b).await;

@@ -127,7 +127,7 @@ async fn answers_ack_nack_drop_and_halt_act_on_the_message() {
         "nack returns it; it comes back"
     );
     assert_eq!(seen_of(&seen, &after).len(), 0, "nothing after the halt");
-    assert_eq!(s.dead_lettered(&b).await, [drop]);
+    assert_eq!(s.dead_lettered(&b, 1).await, [drop]);
     // The halted message was acked; the one after it went back to the queue.
     b.wait_for_depth(&s.queue, 1).await;
     let left = b.get(&s.queue).await.unwrap();
@@ -241,7 +241,7 @@ async fn a_second_answer_is_blamed_on_its_message_not_on_the_next() {
     let seen = seen(&s);
     let tries = seen_of(&seen, &next);
     assert_eq!(tries.len(), 1, "handed once, to the new worker");
-    assert_eq!(s.dead_lettered(&b).await, Vec::<String>::new());
+    assert_eq!(s.dead_lettered(&b, 0).await, Vec::<String>::new());
     assert_eq!(b.queue_depth(&s.queue).await, 0);
     fm.kill("TERM");
     fm.wait().await.assert_code(0);
@@ -333,7 +333,7 @@ async fn a_fail_answer_follows_on_error() {
     fm.wait_consuming().await;
     let id = s.publish(&b, "fail", json!({})).await;
     wait_settled(&mut fm, 1).await;
-    assert_eq!(s.dead_lettered(&b).await, [id.as_str()]);
+    assert_eq!(s.dead_lettered(&b, 1).await, [id.as_str()]);
     assert!(fm.stderr().contains(&format!(
         "failed on message {id}: ValueError: bad data; dropping message {id}"
     )));
