@@ -37,7 +37,7 @@ use tracing::Instrument;
 use crate::amqp::declare::{self, DeclaredQueue};
 use crate::amqp::{Connected, Connector, errors};
 use crate::attempts::{Attempts, Verdict};
-use crate::callback::{Handler, Outcome};
+use crate::callback::{Dispatch, Handler, Outcome};
 use crate::config::Config;
 use crate::error::{Exit, code};
 use crate::message::Received;
@@ -178,20 +178,13 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<u8> {
     }
 }
 
-/// How a session (one connection's life) ended.
+/// How a session (one connection's life), or one consumer's loop in it, ended.
 enum End {
     /// A stop was asked for and in-flight messages were drained.
     Stopped,
     /// The connection or a channel was lost: reconnect.
     Lost(anyhow::Error),
     /// A documented fatal error: exit with its code.
-    Fatal(anyhow::Error),
-}
-
-/// How one consumer's loop ended.
-enum LoopEnd {
-    Stopped,
-    Lost(anyhow::Error),
     Fatal(anyhow::Error),
 }
 
@@ -239,7 +232,7 @@ async fn session(ctx: &Arc<Context>, connected: &Connected, permits: &Arc<Semaph
                 tracker.clone(),
             )
         };
-        if ctx.handler.blocks() {
+        if matches!(ctx.handler.dispatch(), Dispatch::Thread(_)) {
             for _ in 0..ctx.config.callback.concurrency.max(1) {
                 loops.spawn(on_own_thread(run(), stop.clone()));
             }
@@ -256,9 +249,8 @@ async fn session(ctx: &Arc<Context>, connected: &Connected, permits: &Arc<Semaph
     let mut end = None;
     while let Some(result) = loops.join_next().await {
         let this = match result {
-            Ok(LoopEnd::Stopped) => continue,
-            Ok(LoopEnd::Lost(err)) => End::Lost(err),
-            Ok(LoopEnd::Fatal(err)) => End::Fatal(err),
+            Ok(End::Stopped) => continue,
+            Ok(end) => end,
             Err(join) => End::Fatal(anyhow!("a consumer task failed: {join}")),
         };
         stop.cancel();
@@ -389,20 +381,20 @@ fn classify(err: anyhow::Error) -> End {
     }
 }
 
-/// Run a consume loop on a thread of its own, for a callback that blocks ([`Handler::blocks`]):
+/// Run a consume loop on a thread of its own, for a callback that blocks ([`Dispatch::Thread`]):
 /// each delivery is then handled right where it arrived, with no hand-off to another thread and
 /// back. The thread is a blocking-pool one, so it has the runtime's context. A stop does not
 /// wait for the message in progress: the thread holds a tracker token while it works, so
 /// [`drain`] waits for it, up to `shutdown_timeout`, as for the tasks of the async path.
 async fn on_own_thread(
-    run: impl Future<Output = LoopEnd> + Send + 'static,
+    run: impl Future<Output = End> + Send + 'static,
     stop: CancellationToken,
-) -> LoopEnd {
+) -> End {
     let thread = tokio::task::spawn_blocking(move || futures_lite::future::block_on(run));
     tokio::select! {
         biased;
-        end = thread => end.unwrap_or_else(|e| LoopEnd::Fatal(anyhow!("a consumer thread failed: {e}"))),
-        _ = stop.cancelled() => LoopEnd::Stopped,
+        end = thread => end.unwrap_or_else(|e| End::Fatal(anyhow!("a consumer thread failed: {e}"))),
+        _ = stop.cancelled() => End::Stopped,
     }
 }
 
@@ -414,9 +406,10 @@ async fn consume_loop(
     permits: Arc<Semaphore>,
     stop: CancellationToken,
     tracker: TaskTracker,
-) -> LoopEnd {
+) -> End {
     // On a thread of its own (`on_own_thread`), the loop handles each delivery itself.
-    let here = ctx.handler.blocks();
+    let dispatch = ctx.handler.dispatch();
+    let own_thread = matches!(dispatch, Dispatch::Thread(_));
     loop {
         // Wait for a delivery first, then for a concurrency slot: a loop waiting on an idle
         // queue must not hold a slot the other queues' messages need. The delivery is already
@@ -426,79 +419,73 @@ async fn consume_loop(
         // processing).
         let next = tokio::select! {
             biased;
-            _ = stop.cancelled() => return LoopEnd::Stopped,
+            _ = stop.cancelled() => return End::Stopped,
             d = consumer.next() => d,
         };
         // The thread's work counts as in flight from before it waits for a slot, so that a stop
         // racing with a delivery never closes the channel under a message being handled.
-        let _working = here.then(|| tracker.token());
+        let _working = own_thread.then(|| tracker.token());
         let permit = if matches!(next, Some(Ok(_))) {
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => return LoopEnd::Stopped,
+                _ = stop.cancelled() => return End::Stopped,
                 p = Arc::clone(&permits).acquire_owned() => Some(p.expect("the semaphore is never closed")),
             }
         } else {
             None
         };
         match next {
-            Some(Ok(delivery)) if here => {
-                handle_delivery(
-                    delivery,
-                    channel.clone(),
-                    Arc::clone(&queue),
-                    Arc::clone(&ctx),
-                    permit.expect("a slot is taken for every delivery"),
-                    true,
-                )
-                .await;
-            }
             Some(Ok(delivery)) => {
-                tracker.spawn(handle_delivery(
+                let handling = handle_delivery(
                     delivery,
                     channel.clone(),
                     Arc::clone(&queue),
                     Arc::clone(&ctx),
                     permit.expect("a slot is taken for every delivery"),
-                    false,
-                ));
+                    dispatch.clone(),
+                );
+                match dispatch {
+                    Dispatch::Thread(_) => handling.await,
+                    Dispatch::Task => {
+                        tracker.spawn(handling);
+                    }
+                }
             }
             Some(Err(err)) => return lost_or_fatal(errors::describe(err), &queue),
             None if channel.status().connected() => {
                 // The broker cancelled the consumer (the queue was deleted, …): exit 12.
-                return LoopEnd::Fatal(Exit::new(
+                return End::Fatal(Exit::new(
                     code::CONSUMER_CANCELED,
                     anyhow!(
                         "the broker cancelled the consumer of queue '{queue}' (was the queue deleted?)"
                     ),
                 ));
             }
-            None => return LoopEnd::Lost(anyhow!("the channel of queue '{queue}' was closed")),
+            None => return End::Lost(anyhow!("the channel of queue '{queue}' was closed")),
         }
     }
 }
 
-fn lost_or_fatal(err: anyhow::Error, queue: &str) -> LoopEnd {
+fn lost_or_fatal(err: anyhow::Error, queue: &str) -> End {
     match errors::reply_code(&err) {
-        Some(errors::ACCESS_REFUSED) => LoopEnd::Fatal(Exit::new(
+        Some(errors::ACCESS_REFUSED) => End::Fatal(Exit::new(
             code::PERMISSION,
             err.context(format!(
                 "the broker refused access while consuming from '{queue}'"
             )),
         )),
-        _ => LoopEnd::Lost(err),
+        _ => End::Lost(err),
     }
 }
 
-/// Decode, call the callback, settle. `here`: the callback blocks and this runs on a thread of
-/// its own (`on_own_thread`), so it is called right here.
+/// Decode, call the callback (as `dispatch` says), settle.
 async fn handle_delivery(
     mut delivery: Delivery,
     channel: Channel,
     queue: Arc<str>,
     ctx: Arc<Context>,
     permit: OwnedSemaphorePermit,
-    here: bool,
+    dispatch: Dispatch,
 ) {
     let span = tracing::info_span!(
         "message",
@@ -539,19 +526,14 @@ async fn handle_delivery(
             }
         };
         tracing::info!("Consuming message from topic {topic} (message id {id})");
-        ctx.stats
-            .in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let in_flight = ctx.stats.in_flight();
         let started = Instant::now();
-        let outcome = if here {
-            ctx.handler.handle_here(received)
-        } else {
-            ctx.handler.handle(received).await
+        let outcome = match dispatch {
+            Dispatch::Thread(plugin) => Dispatch::call_here(&plugin, &received),
+            Dispatch::Task => ctx.handler.handle(received).await,
         };
         ctx.stats.observe_callback(&queue, started.elapsed());
-        ctx.stats
-            .in_flight
-            .fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        drop(in_flight);
         match outcome {
             Outcome::Ack => {
                 // An ack on a channel that is gone (a lost heartbeat) never reached the broker:

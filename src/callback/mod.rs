@@ -40,6 +40,24 @@ use crate::error::{Exit, code};
 use crate::message::Received;
 use crate::shutdown::Shutdown;
 
+/// How the consume loop calls a callback (see [`Handler::dispatch`]).
+#[derive(Clone)]
+pub enum Dispatch {
+    /// Awaited on a task of the async runtime ([`Handler::handle`]).
+    Task,
+    /// Called on the consume loop's own thread: a native plugin, which blocks.
+    Thread(Arc<plugin::Plugin>),
+}
+
+impl Dispatch {
+    /// Call the plugin on this thread, which must be one of fm's own, never one of the async
+    /// runtime's; a panic that crossed the plugin boundary fails the message.
+    pub fn call_here(plugin: &plugin::Plugin, msg: &Received) -> Outcome {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| plugin.handle(msg)))
+            .unwrap_or_else(|_| Outcome::Fail("the plugin call failed: it panicked".into()))
+    }
+}
+
 /// The configured callback, ready to take messages.
 ///
 /// An enum rather than a trait object: the kinds are few and known, and a `match` keeps the
@@ -138,23 +156,15 @@ impl Handler {
         }
     }
 
-    /// Whether this callback blocks the thread it runs on (a native plugin). The consume loop
-    /// then gives each concurrency slot a thread of its own and calls [`Handler::handle_here`]
-    /// on it: handing every message to a blocking-pool thread and back cost two thread wake-ups
-    /// per message, half of fm's CPU time with a no-op plugin (BENCHMARKS.md).
-    pub fn blocks(&self) -> bool {
-        matches!(self, Handler::Plugin(_))
-    }
-
-    /// Hand one message to the callback on the calling thread, which must be one of fm's own
-    /// threads, never one of the async runtime's (see [`Handler::blocks`]).
-    pub fn handle_here(&self, msg: Arc<Received>) -> Outcome {
+    /// Where the consume loop calls this callback. A native plugin blocks the thread it runs
+    /// on, so each concurrency slot gets a thread of its own that calls the plugin right where
+    /// a delivery arrives: handing every message to a blocking-pool thread and back cost two
+    /// thread wake-ups per message, half of fm's CPU time with a no-op plugin (BENCHMARKS.md).
+    /// Every other callback is awaited on a task ([`Handler::handle`]).
+    pub fn dispatch(&self) -> Dispatch {
         match self {
-            Handler::Plugin(p) => {
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| p.handle(&msg)))
-                    .unwrap_or_else(|_| Outcome::Fail("the plugin call failed: it panicked".into()))
-            }
-            _ => futures_lite::future::block_on(self.handle(msg)),
+            Handler::Plugin(p) => Dispatch::Thread(Arc::clone(p)),
+            _ => Dispatch::Task,
         }
     }
 
