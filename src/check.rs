@@ -27,9 +27,6 @@ use crate::callback::python::check_callback_file;
 use crate::config::{CallbackKind, CommandMode, Config};
 use crate::error::{code, exit_code_of};
 
-/// AMQP reply code 405 RESOURCE_LOCKED: an exclusive queue of another connection.
-const RESOURCE_LOCKED: u16 = 405;
-
 /// The report: lines printed as they come, and the exit code of the first problem.
 struct Report {
     problems: usize,
@@ -275,17 +272,20 @@ async fn check_queues(config: &Config, conn: &Connection, vhost: &str, report: &
                          will declare it"
                     )),
                     Some(errors::ACCESS_REFUSED) => report.fail(
-                        code::PERMISSION,
+                        errors::declaration_exit(&err),
                         format!("queue '{name}': access refused in vhost '{vhost}': {err:#}"),
                     ),
-                    Some(RESOURCE_LOCKED) => report.fail(
-                        code::BAD_DECLARATION,
+                    Some(errors::RESOURCE_LOCKED) => report.fail(
+                        errors::declaration_exit(&err),
                         format!(
                             "queue '{name}': exclusive to another connection (is another \
                              consumer running with this configuration?): {err:#}"
                         ),
                     ),
-                    _ => report.fail(code::BAD_DECLARATION, format!("queue '{name}': {err:#}")),
+                    _ => report.fail(
+                        errors::declaration_exit(&err),
+                        format!("queue '{name}': {err:#}"),
+                    ),
                 }
                 continue;
             }
@@ -328,13 +328,8 @@ async fn check_queues(config: &Config, conn: &Connection, vhost: &str, report: &
             }
             Err(e) => {
                 let err = errors::describe(e);
-                let exit = if errors::reply_code(&err) == Some(errors::ACCESS_REFUSED) {
-                    code::PERMISSION
-                } else {
-                    code::BAD_DECLARATION
-                };
                 report.fail(
-                    exit,
+                    errors::declaration_exit(&err),
                     format!(
                         "queue '{name}': exists in vhost '{vhost}' with other settings than the \
                          configuration's (durable = {}, auto_delete = {}, exclusive = {}, \
@@ -398,11 +393,11 @@ async fn check_exchanges(config: &Config, conn: &Connection, vhost: &str, report
                         ),
                     ),
                     Some(errors::ACCESS_REFUSED) => report.fail(
-                        code::PERMISSION,
+                        errors::declaration_exit(&err),
                         format!("exchange '{exchange}': access refused: {err:#}"),
                     ),
                     _ => report.fail(
-                        code::BAD_DECLARATION,
+                        errors::declaration_exit(&err),
                         format!("exchange '{exchange}': {err:#}"),
                     ),
                 }

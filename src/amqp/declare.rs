@@ -9,7 +9,7 @@
 use lapin::Channel;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 
-use super::errors::{self, ACCESS_REFUSED, NOT_FOUND};
+use super::errors::{self, NOT_FOUND};
 use crate::config::Config;
 use crate::error::{Exit, code};
 
@@ -103,9 +103,5 @@ pub async fn declare(
 }
 
 fn declaration_error(err: anyhow::Error) -> anyhow::Error {
-    if errors::reply_code(&err) == Some(ACCESS_REFUSED) {
-        Exit::new(code::PERMISSION, err)
-    } else {
-        Exit::new(code::BAD_DECLARATION, err)
-    }
+    Exit::new(errors::declaration_exit(&err), err)
 }

@@ -3,16 +3,34 @@
 //! The broker answers a refused operation by closing the channel (or the connection) with a
 //! reply code: 403 ACCESS_REFUSED, 404 NOT_FOUND, 406 PRECONDITION_FAILED, 320
 //! CONNECTION_FORCED… fm's exit codes depend on which (see `man fm`, EXIT STATUS), so this
-//! module is where the reply code is read.
+//! module is where the reply code is read, every reply code fm tells apart is named, and a
+//! declaration's refusal becomes an exit code ([`declaration_exit`], which `fm consume` and
+//! `fm check` share).
 
 use lapin::ErrorKind;
+
+use crate::error::code;
 
 /// AMQP reply code 403 ACCESS_REFUSED.
 pub const ACCESS_REFUSED: u16 = 403;
 /// AMQP reply code 404 NOT_FOUND.
 pub const NOT_FOUND: u16 = 404;
+/// AMQP reply code 405 RESOURCE_LOCKED: an exclusive queue of another connection.
+pub const RESOURCE_LOCKED: u16 = 405;
 /// AMQP reply code 406 PRECONDITION_FAILED.
 pub const PRECONDITION_FAILED: u16 = 406;
+/// AMQP reply code 312 NO_ROUTE: a `mandatory` message no queue took (`basic.return`).
+pub const NO_ROUTE: u16 = 312;
+
+/// The exit code of a queue declaration or binding the broker refused: 15 when access was
+/// refused, else 10.
+pub fn declaration_exit(err: &anyhow::Error) -> u8 {
+    if reply_code(err) == Some(ACCESS_REFUSED) {
+        code::PERMISSION
+    } else {
+        code::BAD_DECLARATION
+    }
+}
 
 /// The AMQP reply code behind an error, if the broker sent one.
 pub fn reply_code(err: &anyhow::Error) -> Option<u16> {

@@ -12,6 +12,18 @@
 
 use std::ffi::{c_char, c_void};
 
+/// The C compiler flags `include/fm_plugin.h` is promised to compile cleanly with: every test
+/// builds its C plugins with them (and `-shared`), so the header and the test plugins stay
+/// warning-free C11.
+pub const C_FLAGS: &[&str] = &[
+    "-std=c11",
+    "-Wall",
+    "-Wextra",
+    "-Werror",
+    "-pedantic",
+    "-fPIC",
+];
+
 /// The ABI major version this fm implements (`FM_ABI_MAJOR`).
 pub const FM_ABI_MAJOR: u32 = 1;
 /// The ABI minor version this fm implements (`FM_ABI_MINOR`).

@@ -506,14 +506,7 @@ mod tests {
     fn build_c(dir: &Path, src: &Path, out: &str, extra: &[&str]) -> PathBuf {
         let out = dir.join(out);
         let status = Command::new("cc")
-            .args([
-                "-std=c11",
-                "-Wall",
-                "-Wextra",
-                "-Werror",
-                "-pedantic",
-                "-fPIC",
-            ])
+            .args(crate::callback::abi::C_FLAGS)
             .arg("-I")
             .arg(Path::new(ROOT).join("include"))
             .args(extra)

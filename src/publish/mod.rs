@@ -230,8 +230,8 @@ pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<u8> {
 
 #[cfg(test)]
 mod tests {
-    use super::pipeline::NO_ROUTE;
     use super::*;
+    use crate::amqp::errors::NO_ROUTE;
 
     #[test]
     fn blank_and_non_utf8_lines_are_refused() {

@@ -345,7 +345,7 @@ impl Publisher {
             .as_ref()
             .map(|s| s.as_str().to_owned())
             .unwrap_or_default();
-        let why = if r.reply_code == NO_ROUTE {
+        let why = if r.reply_code == errors::NO_ROUTE {
             format!(
                 "returned as unroutable ({} {}): no queue is bound to exchange '{}' with a key \
                  matching '{}' (--allow-unroutable accepts such messages)",
@@ -470,9 +470,6 @@ impl Publisher {
         }
     }
 }
-
-/// AMQP reply code 312 NO_ROUTE: a mandatory message no queue receives.
-pub(super) const NO_ROUTE: u16 = 312;
 
 /// The reply of a broker refusal that closed the channel (403, 404, 406…), if that is what
 /// this error is. Connection-level errors (320 CONNECTION_FORCED when the broker stops) are

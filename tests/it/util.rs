@@ -753,7 +753,8 @@ pub fn plugin_path(name: &str) -> PathBuf {
     path
 }
 
-/// Compiles a C test plugin (`cc -shared -fPIC -I include`) and returns the `.so`. Results are
+/// Compiles a C test plugin (`cc -shared` with [`fm::callback::abi::C_FLAGS`], every warning an
+/// error) and returns the `.so`. Results are
 /// cached by source contents in the target folder, so parallel tests may share a source.
 pub fn build_c_plugin(src: &Path) -> PathBuf {
     build_c_plugin_with(src, &[])
@@ -778,7 +779,9 @@ pub fn build_c_plugin_with(src: &Path, cflags: &[&str]) -> PathBuf {
     // Build under a private name, then rename: a parallel test never sees a half-written file.
     let tmp = dir.join(format!(".{stem}-{}.so", uuid::Uuid::new_v4().simple()));
     let result = std::process::Command::new("cc")
-        .args(["-shared", "-fPIC", "-Wall", "-I"])
+        .arg("-shared")
+        .args(fm::callback::abi::C_FLAGS)
+        .arg("-I")
         .arg(repo_root().join("include"))
         .args(cflags)
         .arg("-o")
