@@ -65,6 +65,13 @@ pub struct Context {
     pub attempts: Attempts,
 }
 
+/// What fm logs once a queue's consumer is registered, fedora-messaging's words: from then on
+/// a message published to the queue reaches fm. Tests and operators wait for this line.
+pub const REGISTERED: &str = "Successfully registered AMQP consumer";
+
+/// What fm logs once a message is acked, fedora-messaging's words.
+pub const CONSUMED: &str = "Successfully consumed message";
+
 /// Consume with a ready callback until `shutdown` (a signal, a halt, a failure) or a fatal
 /// error, then shut the callback down: what `fm consume` and `fm record` run. The caller
 /// decides what stops it (`fm` installs the signal handlers on `shutdown`; a test may trigger
@@ -351,7 +358,7 @@ async fn register(
             }
         })?;
     tracing::info!(
-        "Successfully registered AMQP consumer Consumer(queue={}, callback={})",
+        "{REGISTERED} Consumer(queue={}, callback={})",
         queue.name,
         ctx.handler.describe()
     );
@@ -542,9 +549,7 @@ async fn handle_delivery(
                 ctx.attempts.end(attempt, acked);
                 if acked {
                     ctx.stats.count(&queue, Counter::Processed);
-                    tracing::info!(
-                        "Successfully consumed message from topic {topic} (message id {id})"
-                    );
+                    tracing::info!("{CONSUMED} from topic {topic} (message id {id})");
                 }
             }
             Outcome::Nack => {

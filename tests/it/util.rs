@@ -45,7 +45,7 @@ pub const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What fm logs once its consumers are registered (fedora-messaging's words): from then on a
 /// published message reaches it.
-pub const CONSUMING: &str = "Successfully registered AMQP consumer";
+pub const CONSUMING: &str = fm::consume::REGISTERED;
 
 /// How often [`eventually`] looks again.
 const POLL: Duration = Duration::from_millis(20);
