@@ -407,7 +407,8 @@ impl Json {
         out
     }
 
-    fn write(&self, out: &mut String, sort_keys: bool, ensure_ascii: bool) {
+    /// [`Json::to_python`], appended to `out`.
+    pub fn write(&self, out: &mut String, sort_keys: bool, ensure_ascii: bool) {
         match self {
             Json::Null => out.push_str("null"),
             Json::Bool(true) => out.push_str("true"),
@@ -577,6 +578,11 @@ pub fn py_float_repr(f: f64) -> String {
     }
 }
 
+/// Writes `text` as Python's `json` writes a string.
+pub fn write_text(out: &mut String, text: &str, ensure_ascii: bool) {
+    write_str(out, &PyStr::from(text), ensure_ascii);
+}
+
 /// A string as Python's `json` writes it. A lone surrogate is always written escaped.
 fn write_str(out: &mut String, s: &PyStr, ensure_ascii: bool) {
     out.push('"');
@@ -602,11 +608,6 @@ fn write_str(out: &mut String, s: &PyStr, ensure_ascii: bool) {
         }
     }
     out.push('"');
-}
-
-/// Python's `json.dumps` of a `serde_json::Value` (headers, and messages built in Rust).
-pub fn to_py_json(value: &Value, sort_keys: bool, ensure_ascii: bool) -> String {
-    Json::from(value).to_python(sort_keys, ensure_ascii)
 }
 
 #[cfg(test)]

@@ -15,6 +15,8 @@
 //! escapes, float spelling), and Python's `json.loads` accepts more (NaN, huge integers, lone
 //! surrogates): bodies are [`crate::json::Json`], read and written the way Python does.
 
+use std::fmt::Write as _;
+
 use lapin::types::parsing::{MAX_NESTING_DEPTH, TOO_DEEP};
 use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, message::Delivery};
@@ -78,26 +80,40 @@ impl Message {
     /// The message as one record-file line (no trailing newline), exactly as
     /// fedora-messaging's `dumps` writes it.
     pub fn record_line(&self) -> String {
-        // Built as a JSON object and written with sorted keys, like Python's sort_keys=True.
-        let text = |s: &str| Json::Str(s.into());
-        let record = Json::Object(vec![
-            ("body".into(), self.body.clone()),
-            (
-                "headers".into(),
-                Json::from(&Value::Object(self.headers.clone())),
-            ),
-            ("id".into(), self.id.as_deref().map_or(Json::Null, text)),
-            (
-                "priority".into(),
-                Json::Int(self.priority.unwrap_or(0).to_string()),
-            ),
-            (
-                "queue".into(),
-                self.queue.as_deref().map_or(Json::Null, text),
-            ),
-            ("topic".into(), text(&self.topic)),
-        ]);
-        record.to_python(true, false)
+        // `json.dumps(m, ensure_ascii=False, sort_keys=True)`: the keys below are in sorted
+        // order, and the body and headers are written in place, not copied into a record
+        // first (this runs once per message).
+        let mut out = String::with_capacity(512);
+        let text = |out: &mut String, s: Option<&str>| match s {
+            Some(s) => json::write_text(out, s, false),
+            None => out.push_str("null"),
+        };
+        out.push_str("{\"body\": ");
+        self.body.write(&mut out, true, false);
+        out.push_str(", \"headers\": ");
+        let mut headers: Vec<(&String, &Value)> = self.headers.iter().collect();
+        headers.sort_by(|a, b| a.0.cmp(b.0));
+        out.push('{');
+        for (i, (name, value)) in headers.into_iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            json::write_text(&mut out, name, false);
+            out.push_str(": ");
+            Json::from(value).write(&mut out, true, false);
+        }
+        out.push_str("}, \"id\": ");
+        text(&mut out, self.id.as_deref());
+        let _ = write!(
+            out,
+            ", \"priority\": {}, \"queue\": ",
+            self.priority.unwrap_or(0)
+        );
+        text(&mut out, self.queue.as_deref());
+        out.push_str(", \"topic\": ");
+        text(&mut out, Some(&self.topic));
+        out.push('}');
+        out
     }
 
     /// Check the headers and body against fedora-messaging's base schemas: the body is a JSON

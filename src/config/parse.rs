@@ -62,6 +62,27 @@ impl<'t> Parser<'t> {
         })
     }
 
+    /// An error at `entry` unless `table` has every key of `keys`; `message` is given the missing
+    /// ones, joined ("durable, arguments").
+    pub(super) fn require(
+        &self,
+        entry: &Item<'t>,
+        table: &DeTable<'t>,
+        keys: &[&str],
+        message: impl FnOnce(&str) -> String,
+    ) -> anyhow::Result<()> {
+        let missing: Vec<&str> = keys
+            .iter()
+            .copied()
+            .filter(|k| !table.contains_key(*k))
+            .collect();
+        if missing.is_empty() {
+            Ok(())
+        } else {
+            Err(self.err(entry.span(), message(&missing.join(", "))))
+        }
+    }
+
     /// An open table (`client_properties`, `consumer_config`, `arguments`) as JSON.
     pub(super) fn json_table(
         &self,
@@ -315,21 +336,18 @@ impl<'t> Parser<'t> {
         for (name, entry) in self.table("queues", v)? {
             let what = format!("[queues.\"{}\"]", name.get_ref());
             let table = self.table(&what, entry)?;
-            let missing: Vec<&str> = ["durable", "auto_delete", "exclusive", "arguments"]
-                .into_iter()
-                .filter(|k| !table.contains_key(*k))
-                .collect();
-            if !missing.is_empty() {
-                return Err(self.err(
-                    entry.span(),
+            self.require(
+                entry,
+                table,
+                &["durable", "auto_delete", "exclusive", "arguments"],
+                |missing| {
                     format!(
-                        "queue '{}' is missing {}; every queue needs durable, auto_delete, \
-                         exclusive and arguments (use arguments = {{}} for none)",
-                        name.get_ref(),
-                        missing.join(", ")
-                    ),
-                ));
-            }
+                        "queue '{}' is missing {missing}; every queue needs durable, \
+                         auto_delete, exclusive and arguments (use arguments = {{}} for none)",
+                        name.get_ref()
+                    )
+                },
+            )?;
             let raw: RawQueue = self.de(&what, entry)?;
             if name.get_ref().len() > MAX_NAME_BYTES {
                 return Err(self.err(
@@ -377,19 +395,11 @@ impl<'t> Parser<'t> {
         for (i, entry) in items.iter().enumerate() {
             let what = format!("binding #{}", i + 1);
             let table = self.table(&what, entry)?;
-            let missing: Vec<&str> = ["exchange", "routing_keys"]
-                .into_iter()
-                .filter(|k| !table.contains_key(*k))
-                .collect();
-            if !missing.is_empty() {
-                return Err(self.err(
-                    entry.span(),
-                    format!(
-                        "{what} is missing {}; every binding needs exchange and routing_keys",
-                        missing.join(", ")
-                    ),
-                ));
-            }
+            self.require(entry, table, &["exchange", "routing_keys"], |missing| {
+                format!(
+                    "{what} is missing {missing}; every binding needs exchange and routing_keys"
+                )
+            })?;
             if !table["routing_keys"].get_ref().is_array() {
                 return Err(self.err(
                     table["routing_keys"].span(),

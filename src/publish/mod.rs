@@ -167,6 +167,46 @@ struct Publisher {
     last_id: Option<String>,
 }
 
+impl Publisher {
+    /// A publisher with nothing read or sent yet: mandatory publishing, no topic prefix, stop
+    /// at the first failure (the callers change what their arguments say).
+    fn new(
+        connector: Connector,
+        exchange: ShortString,
+        timeout: Duration,
+        input_name: String,
+        input: mpsc::Receiver<Read>,
+        shutdown: Shutdown,
+        progress: Progress,
+    ) -> Publisher {
+        Publisher {
+            connector,
+            exchange,
+            topic_prefix: String::new(),
+            timeout,
+            keep_going: false,
+            mandatory: true,
+            input_name,
+            input,
+            shutdown,
+            progress,
+            line: 0,
+            bytes: 0,
+            read: 0,
+            retry: VecDeque::new(),
+            in_flight: VecDeque::new(),
+            recent: VecDeque::new(),
+            returned: HashMap::new(),
+            failed: Vec::new(),
+            invalid: Vec::new(),
+            published: 0,
+            stop: None,
+            input_done: false,
+            last_id: None,
+        }
+    }
+}
+
 /// `fm publish`: publish what the arguments say, wait for every confirm, report.
 pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<u8> {
     let exchange = args
@@ -199,29 +239,18 @@ pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<u8> {
     let progress = Progress::new(&source);
     let input = source.spawn_reader(input_name.clone());
     let mut publisher = Publisher {
-        connector,
-        exchange,
         topic_prefix: config.topic_prefix.clone(),
-        timeout: args.timeout,
         keep_going: args.keep_going,
         mandatory: !args.allow_unroutable,
-        input_name,
-        input,
-        shutdown,
-        progress,
-        line: 0,
-        bytes: 0,
-        read: 0,
-        retry: VecDeque::new(),
-        in_flight: VecDeque::new(),
-        recent: VecDeque::new(),
-        returned: HashMap::new(),
-        failed: Vec::new(),
-        invalid: Vec::new(),
-        published: 0,
-        stop: None,
-        input_done: false,
-        last_id: None,
+        ..Publisher::new(
+            connector,
+            exchange,
+            args.timeout,
+            input_name,
+            input,
+            shutdown,
+            progress,
+        )
     };
     publisher.publish_all().await;
     publisher.progress.finish();
@@ -251,35 +280,24 @@ mod tests {
     /// A publisher that never connects, to check how outcomes are reported.
     fn publisher() -> Publisher {
         let (_tx, rx) = mpsc::channel(1);
+        let progress = Progress {
+            bar: None,
+            started: Instant::now(),
+            shown: false,
+            last: Instant::now(),
+        };
         Publisher {
-            connector: Connector::new(&Config::default()).unwrap(),
-            exchange: ShortString::from("amq.topic"),
-            topic_prefix: String::new(),
-            timeout: Duration::from_secs(30),
             keep_going: true,
-            mandatory: true,
-            input_name: "in.jsonl".into(),
-            input: rx,
-            shutdown: Shutdown::new(),
-            progress: Progress {
-                bar: None,
-                started: Instant::now(),
-                shown: false,
-                last: Instant::now(),
-            },
-            line: 0,
-            bytes: 0,
-            read: 0,
-            retry: VecDeque::new(),
-            in_flight: VecDeque::new(),
-            recent: VecDeque::new(),
-            returned: HashMap::new(),
-            failed: Vec::new(),
-            invalid: Vec::new(),
-            published: 0,
-            stop: None,
             input_done: true,
-            last_id: None,
+            ..Publisher::new(
+                Connector::new(&Config::default()).unwrap(),
+                ShortString::from("amq.topic"),
+                Duration::from_secs(30),
+                "in.jsonl".into(),
+                rx,
+                Shutdown::new(),
+                progress,
+            )
         }
     }
 
