@@ -1,6 +1,7 @@
 //! Everything that talks AMQP: connecting (URLs, TLS, failover), declaring queues and
 //! bindings, and reading broker errors.
 
+pub mod backoff;
 pub mod connect;
 pub mod declare;
 pub mod errors;

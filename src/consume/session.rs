@@ -1,0 +1,317 @@
+//! One connection's life: declare everything, register a consumer per queue (each on its own
+//! channel, with its prefetch), run their loops until a stop or a loss, then drain the
+//! callbacks in flight before the channels close.
+
+use std::sync::Arc;
+
+use anyhow::anyhow;
+use futures_lite::StreamExt;
+use lapin::options::{BasicCancelOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::FieldTable;
+use lapin::{Channel, Consumer};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use super::delivery::handle_delivery;
+use super::{Context, End, REGISTERED};
+use crate::amqp::declare::{self, DeclaredQueue};
+use crate::amqp::{Connected, errors};
+use crate::callback::Dispatch;
+use crate::config::Config;
+use crate::error::{Exit, code};
+use crate::stats::Stats;
+
+/// Declare, register the consumers, run them until a stop or a loss.
+pub(super) async fn run(
+    ctx: &Arc<Context>,
+    connected: &Connected,
+    permits: &Arc<Semaphore>,
+) -> End {
+    let conn = &connected.connection;
+    let vhost = connected.vhost.as_str();
+    ctx.stats.set_broker(Some(&connected.url));
+    let queues = match declare_all(ctx, conn, vhost).await {
+        Ok(q) => q,
+        Err(err) => return classify(err),
+    };
+
+    let prefetch = effective_prefetch(&ctx.config);
+    let mut consumers: Vec<(Channel, Consumer, DeclaredQueue)> = Vec::with_capacity(queues.len());
+    for queue in queues {
+        match register(ctx, conn, &queue, prefetch).await {
+            Ok((channel, consumer)) => {
+                ctx.stats.register_queue(&queue.name, &queue.configured);
+                consumers.push((channel, consumer, queue));
+            }
+            Err(err) => return classify(err),
+        }
+    }
+    ctx.stats.set_consuming(true);
+    tracing::info!(
+        broker = %connected.url,
+        queues = %consumers.iter().map(|(_, _, q)| q.name.as_str()).collect::<Vec<_>>().join(", "),
+        "consuming"
+    );
+
+    // `stop` ends every consumer loop: on shutdown, or when one of them sees the connection go.
+    let stop = ctx.shutdown.token().child_token();
+    let tracker = TaskTracker::new();
+    let mut loops = tokio::task::JoinSet::new();
+    for (channel, consumer, queue) in &consumers {
+        let run = || {
+            consume_loop(
+                consumer.clone(),
+                channel.clone(),
+                Arc::from(queue.name.as_str()),
+                Arc::clone(ctx),
+                Arc::clone(permits),
+                stop.clone(),
+                tracker.clone(),
+            )
+        };
+        if matches!(ctx.handler.dispatch(), Dispatch::Thread(_)) {
+            for _ in 0..ctx.config.callback.concurrency.max(1) {
+                loops.spawn(on_own_thread(run(), stop.clone()));
+            }
+        } else {
+            loops.spawn(run());
+        }
+    }
+    // systemd's watchdog is fed only while this tick finds these consumers healthy.
+    let probed = consumers
+        .iter()
+        .map(|(c, _, q)| (c.clone(), q.name.clone()))
+        .collect();
+    crate::notify::start_health_tick(conn, probed, Arc::clone(&ctx.stats), stop.clone()).await;
+    let mut end = None;
+    while let Some(result) = loops.join_next().await {
+        let this = match result {
+            Ok(End::Stopped) => continue,
+            Ok(end) => end,
+            Err(join) => End::Fatal(anyhow!("a consumer task failed: {join}")),
+        };
+        stop.cancel();
+        end.get_or_insert(this);
+    }
+    tracker.close();
+
+    if let Some(end) = end {
+        if let End::Fatal(err) = &end {
+            // Let in-flight callbacks finish (their acks still count) before exiting.
+            ctx.shutdown.trigger(code::FAILURE, format!("{err:#}"));
+            drain(ctx, &consumers, &tracker).await;
+        }
+        return end;
+    }
+    // A stop was asked for: no new deliveries, let in-flight messages finish and be acked;
+    // prefetched ones go back to the queue when the channels close.
+    drain(ctx, &consumers, &tracker).await;
+    End::Stopped
+}
+
+/// Cancel the consumers, wait (bounded) for in-flight callbacks, close the channels.
+async fn drain(
+    ctx: &Context,
+    consumers: &[(Channel, Consumer, DeclaredQueue)],
+    tracker: &TaskTracker,
+) {
+    for (channel, consumer, _) in consumers {
+        if let Err(err) = channel
+            .basic_cancel(consumer.tag(), BasicCancelOptions::default())
+            .await
+        {
+            tracing::debug!("cancelling consumer {}: {err}", consumer.tag());
+        }
+    }
+    let timeout = ctx.config.shutdown_timeout;
+    // Callbacks running, not tracker.len(): a consume thread (see `on_own_thread`) counts in the
+    // tracker until it sees the stop, even when idle.
+    let running = Stats::get(&ctx.stats.in_flight);
+    if running > 0 {
+        tracing::info!(
+            in_flight = running,
+            "waiting up to {:.0} s for in-flight messages",
+            timeout.as_secs_f64()
+        );
+    }
+    if tokio::time::timeout(timeout, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            in_flight = tracker.len(),
+            "in-flight messages did not finish within shutdown_timeout ({:.0} s): abandoning \
+             them; the broker will deliver them again",
+            timeout.as_secs_f64()
+        );
+    }
+    for (channel, _, _) in consumers {
+        let _ = channel.close(200, "fm stopping".into()).await;
+    }
+}
+
+async fn declare_all(
+    ctx: &Context,
+    conn: &lapin::Connection,
+    vhost: &str,
+) -> anyhow::Result<Vec<DeclaredQueue>> {
+    let channel = conn.create_channel().await.map_err(errors::describe)?;
+    let queues = declare::declare(&channel, &ctx.config, vhost).await?;
+    let _ = channel.close(200, "declared".into()).await;
+    Ok(queues)
+}
+
+async fn register(
+    ctx: &Context,
+    conn: &lapin::Connection,
+    queue: &DeclaredQueue,
+    prefetch: u16,
+) -> anyhow::Result<(Channel, Consumer)> {
+    let channel = conn.create_channel().await.map_err(errors::describe)?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions { global: false })
+        .await
+        .map_err(errors::describe)?;
+    let tag = uuid::Uuid::new_v4().to_string();
+    let consumer = channel
+        .basic_consume(
+            queue.name.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .map_err(|e| {
+            let err =
+                errors::describe(e).context(format!("cannot consume from queue '{}'", queue.name));
+            match errors::reply_code(&err) {
+                Some(errors::ACCESS_REFUSED) => Exit::new(code::PERMISSION, err),
+                Some(_) => Exit::new(code::REGISTRATION, err),
+                None => err,
+            }
+        })?;
+    tracing::info!(
+        "{REGISTERED} Consumer(queue={}, callback={})",
+        queue.name,
+        ctx.handler.describe()
+    );
+    Ok((channel, consumer))
+}
+
+/// The prefetch count: the configured one, raised to the concurrency so every slot can work
+/// (0 means "no limit" in AMQP and stays 0).
+fn effective_prefetch(config: &Config) -> u16 {
+    let count = config.qos.prefetch_count;
+    let concurrency = u16::try_from(config.callback.concurrency).unwrap_or(u16::MAX);
+    if count == 0 {
+        0
+    } else {
+        count.max(concurrency)
+    }
+}
+
+/// Errors carrying a broker reply code or an exit code are fatal; anything else (an I/O error,
+/// a closed connection) is a loss to recover from.
+fn classify(err: anyhow::Error) -> End {
+    let has_exit = err.chain().any(|e| e.downcast_ref::<Exit>().is_some());
+    if has_exit || errors::reply_code(&err).is_some() {
+        End::Fatal(err)
+    } else {
+        End::Lost(err)
+    }
+}
+
+/// Run a consume loop on a thread of its own, for a callback that blocks ([`Dispatch::Thread`]):
+/// each delivery is then handled right where it arrived, with no hand-off to another thread and
+/// back. The thread is a blocking-pool one, so it has the runtime's context. A stop does not
+/// wait for the message in progress: the thread holds a tracker token while it works, so
+/// [`drain`] waits for it, up to `shutdown_timeout`, as for the tasks of the async path.
+async fn on_own_thread(
+    run: impl Future<Output = End> + Send + 'static,
+    stop: CancellationToken,
+) -> End {
+    let thread = tokio::task::spawn_blocking(move || futures_lite::future::block_on(run));
+    tokio::select! {
+        biased;
+        end = thread => end.unwrap_or_else(|e| End::Fatal(anyhow!("a consumer thread failed: {e}"))),
+        _ = stop.cancelled() => End::Stopped,
+    }
+}
+
+async fn consume_loop(
+    mut consumer: Consumer,
+    channel: Channel,
+    queue: Arc<str>,
+    ctx: Arc<Context>,
+    permits: Arc<Semaphore>,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+) -> End {
+    // On a thread of its own (`on_own_thread`), the loop handles each delivery itself.
+    let dispatch = ctx.handler.dispatch();
+    let own_thread = matches!(dispatch, Dispatch::Thread(_));
+    loop {
+        // Wait for a delivery first, then for a concurrency slot: a loop waiting on an idle
+        // queue must not hold a slot the other queues' messages need. The delivery is already
+        // prefetched (unacked) either way; one taken but never handled because of a stop goes
+        // back to the queue when the channel closes. With concurrency 1, the next message is
+        // still only handled once the previous one is done (fedora-messaging's serial
+        // processing).
+        let next = tokio::select! {
+            biased;
+            _ = stop.cancelled() => return End::Stopped,
+            d = consumer.next() => d,
+        };
+        // The thread's work counts as in flight from before it waits for a slot, so that a stop
+        // racing with a delivery never closes the channel under a message being handled.
+        let _working = own_thread.then(|| tracker.token());
+        let permit = if matches!(next, Some(Ok(_))) {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => return End::Stopped,
+                p = Arc::clone(&permits).acquire_owned() => Some(p.expect("the semaphore is never closed")),
+            }
+        } else {
+            None
+        };
+        match next {
+            Some(Ok(delivery)) => {
+                let handling = handle_delivery(
+                    delivery,
+                    channel.clone(),
+                    Arc::clone(&queue),
+                    Arc::clone(&ctx),
+                    permit.expect("a slot is taken for every delivery"),
+                    dispatch.clone(),
+                );
+                match dispatch {
+                    Dispatch::Thread(_) => handling.await,
+                    Dispatch::Task => {
+                        tracker.spawn(handling);
+                    }
+                }
+            }
+            Some(Err(err)) => return lost_or_fatal(errors::describe(err), &queue),
+            None if channel.status().connected() => {
+                // The broker cancelled the consumer (the queue was deleted, …): exit 12.
+                return End::Fatal(Exit::new(
+                    code::CONSUMER_CANCELED,
+                    anyhow!(
+                        "the broker cancelled the consumer of queue '{queue}' (was the queue deleted?)"
+                    ),
+                ));
+            }
+            None => return End::Lost(anyhow!("the channel of queue '{queue}' was closed")),
+        }
+    }
+}
+
+fn lost_or_fatal(err: anyhow::Error, queue: &str) -> End {
+    match errors::reply_code(&err) {
+        Some(errors::ACCESS_REFUSED) => End::Fatal(Exit::new(
+            code::PERMISSION,
+            err.context(format!(
+                "the broker refused access while consuming from '{queue}'"
+            )),
+        )),
+        _ => End::Lost(err),
+    }
+}
