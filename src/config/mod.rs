@@ -44,11 +44,12 @@ use crate::limits;
 mod callback;
 mod overrides;
 mod parse;
+mod sections;
 
 pub use callback::parse_callback_string;
 pub use overrides::Overrides;
 use parse::{Parser, line_col};
-pub use parse::{python_level_name, python_level_number};
+pub use sections::{python_level_name, python_level_number};
 
 /// The environment variable that names the configuration file (fedora-messaging's).
 pub const ENV_CONF: &str = "FEDORA_MESSAGING_CONF";
@@ -68,25 +69,7 @@ pub const DEFAULT_APP: &str = "Unknown";
 pub const DEFAULT_PYTHON: &str = "python3";
 
 /// Every top-level key fm reads: fedora-messaging's, then fm's own.
-pub const VALID_KEYS: &[&str] = &[
-    "amqp_url",
-    "client_properties",
-    "publish_exchange",
-    "topic_prefix",
-    "publish_priority",
-    "passive_declares",
-    "exchanges",
-    "queues",
-    "bindings",
-    "qos",
-    "callback",
-    "monitoring",
-    "consumer_config",
-    "tls",
-    "log_config",
-    "connection_timeout",
-    "shutdown_timeout",
-];
+pub const VALID_KEYS: [&str; parse::TOP_LEVEL.len()] = parse::top_level_names();
 
 /// The longest queue, exchange or routing-key name AMQP carries (a short string).
 const MAX_NAME_BYTES: usize = 255;
