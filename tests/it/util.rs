@@ -762,6 +762,14 @@ pub fn build_c_plugin(src: &Path) -> PathBuf {
 
 /// [`build_c_plugin`] with extra compiler flags (`-DCRASH=1`...).
 pub fn build_c_plugin_with(src: &Path, cflags: &[&str]) -> PathBuf {
+    let mut flags = vec!["-shared"];
+    flags.extend_from_slice(cflags);
+    build_c(src, &flags)
+}
+
+/// Compiles C source `src` with fm's header on the include path, every warning an error and
+/// `cflags` (a program unless they say `-shared`); cached like [`build_c_plugin`].
+pub fn build_c(src: &Path, cflags: &[&str]) -> PathBuf {
     use std::hash::{Hash as _, Hasher as _};
     let code = std::fs::read(src).unwrap_or_else(|e| panic!("reading {}: {e}", src.display()));
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
@@ -779,7 +787,6 @@ pub fn build_c_plugin_with(src: &Path, cflags: &[&str]) -> PathBuf {
     // Build under a private name, then rename: a parallel test never sees a half-written file.
     let tmp = dir.join(format!(".{stem}-{}.so", uuid::Uuid::new_v4().simple()));
     let result = std::process::Command::new("cc")
-        .arg("-shared")
         .args(fm::callback::abi::C_FLAGS)
         .arg("-I")
         .arg(repo_root().join("include"))
