@@ -5,17 +5,19 @@
 //! One room per concern; this file only declares them and dispatches the subcommands.
 //! - [`cli`]: the command line (clap); [`run`] dispatches its subcommands.
 //! - [`config`]: fedora-messaging TOML files: types and loading (`config/mod.rs`), the
-//!   validator (`parse.rs`), the callback table (`callback.rs`), command-line overrides
+//!   validator with its one table of top-level keys (`parse.rs`), the broker-side tables
+//!   (`sections.rs`), the callback table (`callback.rs`), command-line overrides
 //!   (`overrides.rs`).
 //! - [`message`]: the message model, the AMQP wire format and the record-file line;
 //!   [`json`]: JSON as Python reads and writes it (message bodies); [`time`]: calendar dates.
 //! - [`amqp`]: URLs (the one redactor), connecting (TLS in `amqp/tls/`, failover), declaring
-//!   queues and bindings, broker errors.
+//!   queues and bindings, broker errors and reply codes, the reconnection backoff.
 //! - [`consume`]: [`consume::serve`] runs a callback over the configured queues until its
-//!   shutdown: deliveries → callback → ack/nack, reconnection, the graceful stop;
+//!   shutdown: the reconnect loop (`consume/mod.rs`), one connection's life (`session.rs`:
+//!   declare, register, drain), one message's life (`delivery.rs`: decode, callback, settle);
 //!   [`attempts`]: poison-message detection that survives crashes.
-//! - [`callback`]: what messages are handed to (native plugins, commands, workers, Python,
-//!   and `fm record`'s recorder).
+//! - [`callback`]: what messages are handed to (native plugins, commands, workers — the pool,
+//!   a process, the answer line in `callback/worker/` — Python, and `fm record`'s recorder).
 //! - [`publish`]: `fm publish`: input, pipeline, failed file, progress, report (`publish/`);
 //!   [`record`]: the `fm record` command.
 //! - [`shutdown`]: the one stop path every loop listens to, a parameter of every long-running

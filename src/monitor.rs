@@ -39,6 +39,10 @@ use crate::stats::{DURATION_BUCKETS, QueueStats, Stats};
 
 /// fedora-messaging's `Content-Type`, trailing space included (`request.setHeader(
 /// "Content-Type", "application/json ")` in its `monitor.py`).
+/// What fm logs, followed by the address, once monitoring listens (port 0 picks a free one:
+/// tests and operators read the address from this line).
+pub const LISTENING: &str = "monitoring on http://";
+
 pub const JSON_CONTENT_TYPE: &str = "application/json ";
 /// The Prometheus text format's media type.
 pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -113,7 +117,7 @@ pub async fn start(monitoring: &Monitoring, stats: Arc<Stats>) -> anyhow::Result
     let addr = listener
         .local_addr()
         .context("reading the monitoring address")?;
-    tracing::info!("monitoring on http://{addr}/ (/live, /ready, /metrics)");
+    tracing::info!("{LISTENING}{addr}/ (/live, /ready, /metrics)");
     let stop = CancellationToken::new();
     tokio::spawn(serve(listener, stats, stop.clone()));
     Ok(Running { addr, stop })

@@ -20,9 +20,9 @@
 //! messages again (at-least-once). Only the documented fatal cases end the process.
 
 //!
-//! The rooms: this file holds the process's life (reconnect until stopped), [`session`] one
+//! The rooms: this file holds the process's life (reconnect until stopped), `session.rs` one
 //! connection's life (declare, register a consumer per queue, run their loops, drain), and
-//! [`delivery`] one message's life (decode, redelivery limit, callback, settle).
+//! `delivery.rs` one message's life (decode, redelivery limit, callback, settle).
 
 mod delivery;
 mod session;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::exec::{Setup, fixture, python3, wait_settled};
+use crate::util::callbacks::{Setup, fixture, python3, wait_settled};
 use crate::util::{self, Broker, Fm};
 
 const MESSAGES: usize = 40;

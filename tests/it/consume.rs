@@ -8,7 +8,7 @@ use lapin::options::QueueDeclareOptions;
 use lapin::types::{AMQPValue, FieldTable, LongString};
 use serde_json::json;
 
-use crate::recorder::{
+use crate::util::recorder::{
     Extra, config, consuming, dead_letter_to, out_file, recorded, wait_for_lines,
 };
 use crate::util::{self, Fm, field_table};
@@ -294,7 +294,7 @@ async fn a_server_named_queue_is_bound_and_consumed() {
     let cfg = format!(
         "amqp_url = \"{}\"\ncallback = \"{}\"\n[[bindings]]\nexchange = \"amq.topic\"\nrouting_keys = [\"{prefix}.#\"]\n[consumer_config]\nout = \"{}\"\n",
         broker.url(),
-        crate::recorder::plugin().display(),
+        crate::util::recorder::plugin().display(),
         out.display()
     );
     let mut proc = fm.config_toml(&cfg).arg("consume").spawn();
@@ -484,7 +484,7 @@ async fn an_idle_queue_does_not_starve_the_others_at_concurrency_1() {
     let cfg = format!(
         "amqp_url = \"{}\"\ncallback = \"{}\"\n{}{}[consumer_config]\nout = \"{}\"\n",
         broker.url(),
-        crate::recorder::plugin().display(),
+        crate::util::recorder::plugin().display(),
         queue_table(&idle),
         queue_table(&busy),
         out.display()

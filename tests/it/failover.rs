@@ -10,7 +10,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::recorder;
+use crate::util::recorder;
 use crate::util::{self, Broker, Fm};
 
 /// A URL nothing listens on: a loopback port that was just free (never another address).

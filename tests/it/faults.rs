@@ -15,7 +15,7 @@ use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use serde_json::{Value, json};
 
-use crate::recorder::{Extra, config, consuming, dead_letter_to, out_file};
+use crate::util::recorder::{Extra, config, consuming, dead_letter_to, out_file};
 use crate::util::{self, Fm, FmProcess};
 
 /// How many times each message id was handled.

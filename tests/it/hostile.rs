@@ -17,7 +17,7 @@ use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use crate::recorder::{Extra, config, consuming, dead_letter_to, out_file};
+use crate::util::recorder::{Extra, config, consuming, dead_letter_to, out_file};
 use crate::util::{self, Broker, FmProcess};
 
 /// How deep the AMQP parser keeps nested tables and arrays (the fork's `MAX_NESTING_DEPTH`;

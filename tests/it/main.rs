@@ -2,7 +2,6 @@
 //! area, all sharing the fixture in `util` (the test broker, the `fm` command builder).
 //! Run them with scripts/test, or `eval "$(scripts/broker start)"` then `cargo test`.
 
-mod proxy;
 mod util;
 
 // One line per area, sorted (cargo fmt --check reorders them otherwise).
@@ -19,7 +18,6 @@ mod plugin;
 mod publish;
 mod python;
 mod record;
-mod recorder;
 mod resilience;
 mod smoke;
 mod tls;

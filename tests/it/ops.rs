@@ -29,8 +29,8 @@ use lapin::types::FieldTable;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
-use crate::proxy::{Mode, Proxy};
-use crate::util::{self, Broker, Fm, FmProcess, TIMEOUT, fm_bin, plugin_path, repo_root};
+use crate::util::proxy::{Mode, Proxy};
+use crate::util::{self, Broker, Fm, TIMEOUT, fm_bin, plugin_path, repo_root};
 
 // ---------------------------------------------------------------------------------------------
 // systemd notifications
@@ -336,16 +336,6 @@ async fn a_consumer_that_cannot_register_never_says_ready() {
 // ---------------------------------------------------------------------------------------------
 // Monitoring
 
-/// Where fm's monitoring listens, read from its log line.
-pub(crate) async fn monitor_addr(fm: &mut FmProcess) -> SocketAddr {
-    fm.wait_for_stderr("monitoring on http://").await;
-    let err = fm.stderr();
-    let rest = &err[err.find("monitoring on http://").unwrap() + "monitoring on http://".len()..];
-    rest[..rest.find('/').unwrap()]
-        .parse()
-        .expect("a socket address in the monitoring log line")
-}
-
 /// An answer, read by hyper's HTTP/1 client.
 struct Answer {
     status: u16,
@@ -482,7 +472,7 @@ routing_keys = ["{topic}.#"]
         script = script.display()
     );
     let mut fm = fm.config_toml(&config).arg("consume").spawn();
-    let addr = monitor_addr(&mut fm).await;
+    let addr = fm.monitor_addr().await;
 
     // /live: fedora-messaging's exact bytes, with the real HTTP client and raw.
     let live = http("GET", addr, "/live").await;
@@ -1469,37 +1459,24 @@ fn the_debian_package_installs_and_removes_cleanly_in_a_scratch_root() {
     assert_eq!(left, Vec::<String>::new(), "files left after dpkg --purge");
 }
 
-#[test]
-fn completions_are_printed_without_reading_any_configuration() {
+#[tokio::test]
+async fn completions_are_printed_without_reading_any_configuration() {
     for (shell, marker) in [
         ("bash", "_fm()"),
         ("zsh", "#compdef fm"),
         ("fish", "complete -c fm"),
     ] {
-        let out = std::process::Command::new(fm_bin())
+        let out = Fm::new()
             .args(["completions", shell])
             // A broken configuration must not matter.
             .env("FEDORA_MESSAGING_CONF", "/nonexistent/fm.toml")
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{shell}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let text = String::from_utf8(out.stdout).unwrap();
-        assert!(text.contains(marker), "{shell}: no {marker:?}");
-        for word in ["consume", "check", "queue-name", "config"] {
-            assert!(text.contains(word), "{shell} completion lacks {word}");
+            .run()
+            .await;
+        out.assert_code(0);
+        for word in [marker, "consume", "check", "queue-name", "config"] {
+            assert!(out.stdout.contains(word), "{shell} completion lacks {word}");
         }
     }
-    let out = std::process::Command::new(fm_bin())
-        .args(["completions", "tcsh"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(2),
-        "an unknown shell is a usage error"
-    );
+    let out = Fm::new().args(["completions", "tcsh"]).run().await;
+    out.assert_code(2); // an unknown shell is a usage error
 }

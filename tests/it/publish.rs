@@ -6,173 +6,16 @@
 //! same record files it does. [`Peer`] drives it; `record.rs` uses it too.
 
 use std::collections::BTreeSet;
-use std::path::{Path, PathBuf};
-use std::process::Stdio;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use lapin::types::{AMQPValue, FieldTable};
 use serde_json::{Value, json};
 use tokio::io::AsyncWriteExt as _;
 
-use crate::proxy::Proxy;
-use crate::util::{self, Broker, Fm, broker, fedora_fixture, fm_bin};
-
-/// fedora-messaging's CLI from the test venv, with configuration files in a folder of its own.
-pub struct Peer {
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-}
-
-impl Peer {
-    pub fn new(b: &Broker) -> Peer {
-        let bin = b
-            .venv_python()
-            .parent()
-            .expect("the venv has a bin folder")
-            .join("fedora-messaging");
-        assert!(
-            bin.is_file(),
-            "{} is missing: run scripts/test",
-            bin.display()
-        );
-        Peer {
-            dir: tempfile::tempdir().expect("creating a temporary folder"),
-            bin,
-        }
-    }
-
-    /// Writes a file into the peer's folder.
-    pub fn file(&self, name: &str, contents: impl AsRef<[u8]>) -> PathBuf {
-        let path = self.dir.path().join(name);
-        std::fs::write(&path, contents).expect("writing a peer file");
-        path
-    }
-
-    fn command(&self, conf: &Path, args: &[&str]) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(&self.bin);
-        cmd.arg("--conf")
-            .arg(conf)
-            .args(args)
-            .current_dir(self.dir.path())
-            .env("PYTHONPATH", self.dir.path())
-            .env_remove("FEDORA_MESSAGING_CONF")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true);
-        cmd
-    }
-
-    /// Runs `fedora-messaging --conf CONF ARGS...` to its end (at most a minute).
-    pub async fn run(&self, conf: &Path, args: &[&str]) -> std::process::Output {
-        let child = self
-            .command(conf, args)
-            .spawn()
-            .expect("starting fedora-messaging");
-        tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
-            .await
-            .unwrap_or_else(|_| panic!("fedora-messaging {args:?} did not finish within 60 s"))
-            .expect("waiting for fedora-messaging")
-    }
-
-    /// Starts `fedora-messaging consume` with a callback that appends, per message, one JSON
-    /// line with what a Python callback sees: topic, id, body, headers, severity, priority,
-    /// queue. Returns the process and the file it writes.
-    pub fn consume(&self, conf: &Path) -> (tokio::process::Child, PathBuf) {
-        self.file(
-            "fm_peer.py",
-            r#"import json, os
-
-def callback(message):
-    seen = {"topic": message.topic, "id": message.id, "body": message.body,
-            "headers": message._headers, "severity": message.severity,
-            "priority": message.priority, "queue": message.queue}
-    with open(os.environ["FM_PEER_OUT"], "a", encoding="utf-8") as f:
-        f.write(json.dumps(seen, sort_keys=True) + "\n")
-"#,
-        );
-        let out = self.dir.path().join("consumed.jsonl");
-        let child = self
-            .command(conf, &["consume", "--callback", "fm_peer:callback"])
-            .env("FM_PEER_OUT", &out)
-            .spawn()
-            .expect("starting fedora-messaging consume");
-        (child, out)
-    }
-}
-
-/// A configuration (for fm and fedora-messaging alike) with one durable queue bound to
-/// `exchange` with `#`, publishing to `exchange` by default.
-pub fn queue_config(b: &Broker, exchange: &str, queue: &str) -> String {
-    format!(
-        r##"amqp_url = "{url}"
-publish_exchange = "{exchange}"
-
-[client_properties]
-app = "fm tests"
-
-[queues."{queue}"]
-durable = true
-auto_delete = false
-exclusive = false
-arguments = {{}}
-
-[[bindings]]
-queue = "{queue}"
-exchange = "{exchange}"
-routing_keys = ["#"]
-"##,
-        url = b.url()
-    )
-}
-
-/// A topic exchange and a durable queue bound to it with `#`.
-pub async fn exchange_and_queue(b: &Broker, name: &str) -> (String, String) {
-    let (exchange, queue) = (
-        b.unique(&format!("{name}-ex")),
-        b.unique(&format!("{name}-q")),
-    );
-    b.declare_topic_exchange(&exchange).await;
-    b.declare_queue(&queue).await;
-    b.bind(&queue, &exchange, "#").await;
-    (exchange, queue)
-}
-
-/// The lines of a file.
-pub fn lines(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
-        .lines()
-        .map(str::to_owned)
-        .collect()
-}
-
-/// The `id` of each record line.
-pub fn ids_of(lines: &[String]) -> Vec<String> {
-    lines
-        .iter()
-        .map(|l| {
-            let v: Value = serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
-            v["id"].as_str().expect("every line has an id").to_owned()
-        })
-        .collect()
-}
-
-/// Waits until `path` has `n` lines; panics after a minute.
-pub async fn wait_for_lines(path: &Path, n: usize) -> Vec<String> {
-    util::eventually(Duration::from_secs(60), async || {
-        let have = std::fs::read_to_string(path).unwrap_or_default();
-        let got: Vec<String> = have.lines().map(str::to_owned).collect();
-        match got.len() {
-            len if len >= n => Ok(got),
-            len => Err(format!(
-                "{} has {len} lines, expected {n}:\n{have}",
-                path.display()
-            )),
-        }
-    })
-    .await
-}
+use crate::util::peer::{Peer, exchange_and_queue, ids_of, lines, queue_config, wait_for_lines};
+use crate::util::proxy::Proxy;
+use crate::util::{Broker, Fm, FmProcess, broker, fedora_fixture};
 
 /// Sends SIGTERM to a child and waits for it.
 async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
@@ -756,61 +599,19 @@ async fn publishing_is_pipelined_behind_a_slow_link() {
 }
 
 /// `fm publish -` fed through a pipe this test controls.
-struct Piped {
-    child: tokio::process::Child,
-    stdin: Option<tokio::process::ChildStdin>,
-    dir: tempfile::TempDir,
-}
-
-impl Piped {
-    fn start(config: &str, args: &[&str]) -> Piped {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("config.toml"), config).unwrap();
-        let mut child = tokio::process::Command::new(fm_bin())
-            .args(["--conf", "config.toml", "publish", "-"])
-            .args(args)
-            .current_dir(dir.path())
-            .env_remove("FEDORA_MESSAGING_CONF")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("starting fm");
-        let stdin = child.stdin.take();
-        Piped { child, stdin, dir }
-    }
-
-    async fn write(&mut self, text: &str) {
-        let stdin = self.stdin.as_mut().expect("stdin is open");
-        stdin.write_all(text.as_bytes()).await.unwrap();
-        stdin.flush().await.unwrap();
-    }
-
-    /// Closes stdin and waits (at most `within`) for fm; returns its code and stderr.
-    async fn finish(
-        mut self,
-        within: Duration,
-    ) -> (Option<i32>, String, PathBuf, tempfile::TempDir) {
-        self.stdin.take();
-        self.wait(within).await
-    }
-
-    /// Waits (at most `within`) for fm with its stdin still open: only a signal can end it.
-    async fn wait(self, within: Duration) -> (Option<i32>, String, PathBuf, tempfile::TempDir) {
-        let _stdin = self.stdin;
-        let out = tokio::time::timeout(within, self.child.wait_with_output())
-            .await
-            .expect("fm finishes in time")
-            .unwrap();
-        let failed = self.dir.path().join("failed.jsonl");
-        (
-            out.status.code(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-            failed,
-            self.dir,
-        )
-    }
+/// `fm publish -` reading a standard input the test writes to as it goes, saving what it
+/// could not publish to `failed.jsonl` in a folder of the test's (fm's own goes with the run).
+fn piped(config: &str, args: &[&str]) -> (FmProcess, PathBuf, tempfile::TempDir) {
+    let keep = tempfile::tempdir().unwrap();
+    let failed = keep.path().join("failed.jsonl");
+    let fm = Fm::new()
+        .config_toml(config)
+        .args(["publish", "-", "--failed"])
+        .arg(&failed)
+        .args(args)
+        .stdin_pipe()
+        .spawn();
+    (fm, failed, keep)
 }
 
 /// A broker restart within `--timeout` loses nothing (fm reconnects and sends the unconfirmed
@@ -826,15 +627,16 @@ async fn broker_outages_lose_no_message() {
     // 1. The node restarts while fm waits: everything arrives (some perhaps twice).
     let (text, ids) = numbered_lines(400);
     let all: Vec<&str> = text.lines().collect();
-    let mut fm = Piped::start(&config, &["--timeout", "60", "--failed", "failed.jsonl"]);
-    fm.write(&(all[..200].join("\n") + "\n")).await;
+    let (mut fm, failed, _keep) = piped(&config, &["--timeout", "60"]);
+    fm.write_stdin(&(all[..200].join("\n") + "\n")).await;
     node.wait_for_depth(&queue, 200).await;
     node.stop_node().await;
-    fm.write(&(all[200..].join("\n") + "\n")).await;
+    fm.write_stdin(&(all[200..].join("\n") + "\n")).await;
     node.start_node().await;
-    let (code, stderr, failed, _dir) = fm.finish(Duration::from_secs(90)).await;
-    assert_eq!(code, Some(0), "{stderr}");
-    assert!(stderr.contains("reconnecting"), "{stderr}");
+    fm.close_stdin();
+    let out = fm.wait_within(Duration::from_secs(90)).await;
+    out.assert_code(0);
+    assert!(out.stderr.contains("reconnecting"), "{}", out.stderr);
     assert!(lines(&failed).is_empty());
     let got: BTreeSet<String> = drain_ids(&node, &queue).await.into_iter().collect();
     assert_eq!(got, ids.iter().cloned().collect::<BTreeSet<_>>());
@@ -845,10 +647,10 @@ async fn broker_outages_lose_no_message() {
     // it (they are written only once the node is down).
     let (text, ids) = numbered_lines(3000);
     let all: Vec<String> = text.lines().map(|l| format!("{l}\n")).collect();
-    let mut fm = Piped::start(&config, &["--timeout", "3", "--failed", "failed.jsonl"]);
-    fm.write(&all[..500].concat()).await;
+    let (mut fm, failed, _keep) = piped(&config, &["--timeout", "3"]);
+    fm.write_stdin(&all[..500].concat()).await;
     node.wait_for_depth(&queue, 500).await;
-    let mut stdin = fm.stdin.take().expect("stdin is open");
+    let mut stdin = fm.take_stdin();
     let (trickle, after_stop) = (all[500..2900].to_vec(), all[2900..].concat());
     let writer = tokio::spawn(async move {
         for chunk in trickle.chunks(25) {
@@ -864,8 +666,9 @@ async fn broker_outages_lose_no_message() {
     if let Some(mut stdin) = writer.await.expect("the writer") {
         let _ = stdin.write_all(after_stop.as_bytes()).await;
     }
-    let (code, stderr, failed, _dir) = fm.finish(Duration::from_secs(60)).await;
-    assert_eq!(code, Some(111), "{stderr}");
+    let out = fm.wait_within(Duration::from_secs(60)).await;
+    out.assert_code(111);
+    let stderr = out.stderr;
     assert!(
         stderr.contains("--failed") || stderr.contains("failed.jsonl"),
         "{stderr}"
@@ -931,18 +734,15 @@ async fn sigint_stops_after_the_in_flight_messages_are_confirmed() {
     let (exchange, queue) = exchange_and_queue(&b, "sigint").await;
     let config = queue_config(&b, &exchange, &queue);
     let (text, ids) = numbered_lines(10);
-    let mut fm = Piped::start(&config, &["--failed", "failed.jsonl"]);
-    fm.write(&text).await;
+    let (mut fm, failed, _keep) = piped(&config, &[]);
+    fm.write_stdin(&text).await;
     b.wait_for_depth(&queue, 10).await;
     // All ten are in the queue, their confirms on the way or in; stdin stays open, so the end
     // of the input cannot race the signal: only SIGINT can stop fm.
-    let pid = fm.child.id().unwrap();
-    std::process::Command::new("kill")
-        .args(["-INT", &pid.to_string()])
-        .status()
-        .unwrap();
-    let (code, stderr, failed, _dir) = fm.wait(util::TIMEOUT).await;
-    assert_eq!(code, Some(1), "{stderr}");
+    fm.kill("INT");
+    let out = fm.wait().await;
+    out.assert_code(1);
+    let stderr = out.stderr;
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert!(stderr.contains("after line 10"), "{stderr}");
     assert!(lines(&failed).is_empty(), "all 10 were confirmed");

@@ -10,16 +10,14 @@
 //! `tests/fixtures/callbacks/fm_test_callbacks.py` and know nothing about fm.
 
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
-use std::sync::{Arc, Mutex};
+use std::process::Stdio;
 use std::time::Duration;
 
 use lapin::types::{AMQPValue, LongString};
 use serde_json::{Value, json};
-use tokio::io::AsyncReadExt as _;
 
-use crate::exec::{Setup, fixture, settled};
-use crate::util::{self, Broker, field_table};
+use crate::util::callbacks::{Setup, fixture, settled};
+use crate::util::{self, Broker, Fm, field_table};
 
 /// Who consumes.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -169,74 +167,47 @@ async fn run(
     interpreter: &Path,
     settle: usize,
 ) -> Run {
-    let dir = tempfile::tempdir().unwrap();
-    let out = dir.path().join("calls.jsonl");
-    let conf = dir.path().join("config.toml");
-    std::fs::write(&conf, config(b, s, runner, target, interpreter, &out)).unwrap();
     let (_, script) = venv(b);
-    let mut cmd = match runner {
-        Runner::Fm => tokio::process::Command::new(util::fm_bin()),
-        Runner::FedoraMessaging => {
-            let mut cmd = tokio::process::Command::new(&script);
-            // Its stdout is block-buffered in a pipe; fm flushes after every message.
-            cmd.env("PYTHONUNBUFFERED", "1");
-            cmd
-        }
+    let mut run = match runner {
+        Runner::Fm => Fm::new(),
+        // Its stdout is block-buffered in a pipe; fm flushes after every message.
+        Runner::FedoraMessaging => Fm::new().program(&script).env("PYTHONUNBUFFERED", "1"),
     };
-    cmd.arg("--conf").arg(&conf).arg("consume");
+    // The calls are read after the run, whose own folder goes with it.
+    let keep = tempfile::tempdir().unwrap();
+    let out = keep.path().join("calls.jsonl");
+    run = run
+        .config_toml(&config(b, s, runner, target, interpreter, &out))
+        .arg("consume")
+        .env("PYTHONPATH", fixture(""));
     if is_callback_file(target) {
         // fedora-messaging's --callback-file; fm's [callback] interpreter has no flag, so
         // fm runs the file with the venv's python found first on PATH.
-        cmd.arg("--callback-file").arg(target).env(
-            "PATH",
-            format!(
-                "{}:{}",
-                interpreter.parent().unwrap().display(),
-                std::env::var("PATH").unwrap_or_default()
-            ),
+        let path = format!(
+            "{}:{}",
+            interpreter.parent().unwrap().display(),
+            std::env::var("PATH").unwrap_or_default()
         );
+        run = run.arg("--callback-file").arg(target).env("PATH", path);
     }
-    cmd.current_dir(dir.path())
-        .env("PYTHONPATH", fixture(""))
-        .env_remove("FEDORA_MESSAGING_CONF")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().expect("starting the consumer");
-    let stdout = Arc::new(Mutex::new(Vec::new()));
-    let stderr = Arc::new(Mutex::new(Vec::new()));
-    let readers = [
-        tokio::spawn(collect(child.stdout.take().unwrap(), Arc::clone(&stdout))),
-        tokio::spawn(collect(child.stderr.take().unwrap(), Arc::clone(&stderr))),
-    ];
-    let text =
-        |buf: &Arc<Mutex<Vec<u8>>>| String::from_utf8_lossy(&buf.lock().unwrap()).into_owned();
-    let status: ExitStatus = util::eventually(Duration::from_secs(60), async || {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Ok(status);
+    let mut consumer = run.spawn();
+    let ended = util::eventually(Duration::from_secs(60), async || {
+        if consumer.wait_timeout(Duration::ZERO).await.is_some() {
+            return Ok(());
         }
-        if settled(&text(&stderr)) < settle {
-            return Err(format!(
-                "{runner:?} settled {} of {settle} messages:\n{}",
-                settled(&text(&stderr)),
-                text(&stderr)
-            ));
+        let log = consumer.stderr();
+        match settled(&log) {
+            n if n < settle => Err(format!(
+                "{runner:?} settled {n} of {settle} messages:\n{log}"
+            )),
+            _ => {
+                consumer.kill("TERM");
+                Ok(())
+            }
         }
-        let pid = child.id().unwrap().to_string();
-        std::process::Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .unwrap();
-        Ok(tokio::time::timeout(Duration::from_secs(30), child.wait())
-            .await
-            .unwrap_or_else(|_| panic!("{runner:?} did not stop on SIGTERM:\n{}", text(&stderr)))
-            .unwrap())
-    })
-    .await;
-    for reader in readers {
-        let _ = tokio::time::timeout(Duration::from_secs(5), reader).await;
-    }
+    });
+    ended.await;
+    let result = consumer.wait_within(Duration::from_secs(30)).await;
     let calls = std::fs::read_to_string(&out)
         .unwrap_or_default()
         .lines()
@@ -254,24 +225,18 @@ async fn run(
         );
     }
     // Both runners log each drop (fedora-messaging's words) just before nacking it.
-    let drops = text(&stderr)
+    let drops = result
+        .stderr
         .matches("Consumer requested message id")
         .count();
     let dropped = s.dead_lettered(b, drops as u32).await;
     Run {
-        code: status.code(),
-        stdout: text(&stdout),
-        stderr: text(&stderr),
+        code: result.code(),
+        stdout: result.stdout,
+        stderr: result.stderr,
         calls,
         left,
         dropped,
-    }
-}
-
-async fn collect(mut pipe: impl tokio::io::AsyncRead + Unpin, into: Arc<Mutex<Vec<u8>>>) {
-    let mut buf = [0u8; 8192];
-    while let Ok(n @ 1..) = pipe.read(&mut buf).await {
-        into.lock().unwrap().extend_from_slice(&buf[..n]);
     }
 }
 

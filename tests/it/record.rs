@@ -9,7 +9,7 @@ use lapin::BasicProperties;
 use lapin::types::AMQPValue;
 use serde_json::json;
 
-use crate::publish::{Peer, exchange_and_queue, lines, queue_config, wait_for_lines};
+use crate::util::peer::{Peer, exchange_and_queue, lines, queue_config, wait_for_lines};
 use crate::util::{Broker, Fm, broker};
 
 /// Messages that exercise the record format: non-ASCII kept as UTF-8, escapes, nested keys

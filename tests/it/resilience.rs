@@ -8,8 +8,8 @@ use std::time::Duration;
 use lapin::types::FieldTable;
 use serde_json::json;
 
-use crate::exec::{Setup, wait_settled};
-use crate::recorder::{Extra, config, consuming, dead_letter_to, out_file, wait_for_lines};
+use crate::util::callbacks::{Setup, wait_settled};
+use crate::util::recorder::{Extra, config, consuming, dead_letter_to, out_file, wait_for_lines};
 use crate::util::{self, Fm};
 
 /// A NUL byte cannot go into a command's environment (`FM_TOPIC`, `FM_MESSAGE_ID`); AMQP allows
@@ -19,7 +19,7 @@ use crate::util::{self, Fm};
 async fn a_nul_byte_in_the_topic_or_id_drops_only_that_message_in_exec_mode() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-nul").await;
-    let command = serde_json::to_string(&[crate::exec::fixture("exec.sh")]).unwrap();
+    let command = serde_json::to_string(&[crate::util::callbacks::fixture("exec.sh")]).unwrap();
     let mut fm = s
         .fm(&s.fm_config(&format!("command = {command}"), ""))
         .spawn();
@@ -252,14 +252,14 @@ async fn a_crashing_message_on_a_quorum_queue_is_the_only_one_dropped() {
 async fn running_out_of_file_descriptors_delays_exec_mode_without_failing_it() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "exec-fds").await;
-    let command = serde_json::to_string(&[crate::exec::fixture("exec.sh")]).unwrap();
+    let command = serde_json::to_string(&[crate::util::callbacks::fixture("exec.sh")]).unwrap();
     let config = s.fm_config(
         &format!("command = {command}"),
         "[monitoring]\naddress = \"127.0.0.1\"\nport = 0\n",
     );
     let mut fm = s.fm(&config).spawn();
     fm.wait_consuming().await;
-    let addr = crate::ops::monitor_addr(&mut fm).await;
+    let addr = fm.monitor_addr().await;
     let limited = std::process::Command::new("prlimit")
         .args(["--nofile=60:60", "--pid", &fm.pid().to_string()])
         .status()
@@ -324,7 +324,7 @@ async fn a_message_whose_ack_is_lost_is_not_reported_consumed() {
     let Some(b) = util::broker() else { return };
     let s = Setup::new(&b, "lost-ack").await;
     let app = util::unique("lost-ack-app");
-    let command = serde_json::to_string(&[crate::exec::fixture("exec.sh")]).unwrap();
+    let command = serde_json::to_string(&[crate::util::callbacks::fixture("exec.sh")]).unwrap();
     let config = s.fm_config(
         &format!("command = {command}"),
         &format!("[client_properties]\napp = \"{app}\"\n"),

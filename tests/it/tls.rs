@@ -15,7 +15,7 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::recorder;
+use crate::util::recorder;
 use crate::util::{self, Broker, Fm};
 
 /// The `[tls]` table for files of the test PKI (`None`: the key is left out).

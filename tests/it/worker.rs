@@ -8,7 +8,7 @@
 
 use serde_json::{Value, json};
 
-use crate::exec::{Setup, assert_gone, fixture, python3, wait_settled};
+use crate::util::callbacks::{Setup, assert_gone, fixture, python3, wait_settled};
 use crate::util::{self, Fm};
 
 /// A config running `worker.py` as a worker, with extra `[callback]` lines.

@@ -35,8 +35,8 @@
 //! the pool to close, whichever comes first, so a worker dying while idle is noticed and
 //! replaced at once rather than on the next message.
 //!
-//! The rooms: this file is the pool (slots, restarts, giving up), [`process`] one worker
-//! process and its pipes, [`answer`] the answer line.
+//! The rooms: this file is the pool (slots, restarts, giving up), `process.rs` one worker
+//! process and its pipes, `answer.rs` the answer line.
 
 mod answer;
 mod process;
