@@ -39,6 +39,7 @@ pub(super) async fn run(
     let keep_going = args.keep_going;
     let one = matches!(source, Source::One(_));
     let mut input = source.spawn_reader(input_name.clone());
+    let name_of_input = input_name.clone();
     // Files and fsyncs: off the runtime's threads.
     let written = tokio::task::spawn_blocking(move || {
         let unwritable = |e: std::io::Error| {
@@ -74,7 +75,7 @@ pub(super) async fn run(
                     return Err(err.context("nothing was spooled"));
                 }
             };
-            let what = format!("line {line} of {input_name}");
+            let what = format!("line {line} of {name_of_input}");
             if !keep_going {
                 return Err(Exit::new(
                     code::USAGE,
