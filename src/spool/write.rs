@@ -20,6 +20,8 @@ pub struct Batch {
     /// Locked (`flock`) while the writer lives: the relay removes only unlocked leftovers.
     file: Option<BufWriter<File>>,
     count: u64,
+    /// Renamed into `queue/`: no longer ours to remove.
+    committed: bool,
 }
 
 impl Batch {
@@ -40,6 +42,7 @@ impl Batch {
             tmp,
             file: None,
             count: 0,
+            committed: false,
         };
         rustix::fs::flock(&file, FlockOperation::LockExclusive)?;
         let mut file = BufWriter::with_capacity(1 << 16, file);
@@ -86,6 +89,7 @@ impl Batch {
                 .format(std::process::id());
                 match rename_no_replace(&self.tmp, &queue.join(&name)) {
                     Ok(()) => {
+                        self.committed = true;
                         clock.set(stamp)?;
                         break name;
                     }
@@ -103,7 +107,7 @@ impl Batch {
 
 impl Drop for Batch {
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if !self.committed {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }

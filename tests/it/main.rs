@@ -21,5 +21,7 @@ mod record;
 mod recorder;
 mod resilience;
 mod smoke;
+mod spool;
 mod tls;
+mod transaction;
 mod worker;
