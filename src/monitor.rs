@@ -496,7 +496,10 @@ mod tests {
         assert!(text.contains("fm_callback_duration_seconds_count{queue=\"\"} 1\n"));
         assert!(text.contains("fm_connected 0\n"));
         assert!(text.contains("fm_last_healthy_timestamp_seconds 0\n"));
-        assert!(!text.contains("fm_spool_"), "only a relay speaks of a spool");
+        assert!(
+            !text.contains("fm_spool_"),
+            "only a relay speaks of a spool"
+        );
     }
 
     #[test]

@@ -85,7 +85,9 @@ pub async fn run(config: &Config, args: &RelayArgs) -> anyhow::Result<u8> {
         .ok_or_else(|| {
             Exit::new(
                 code::USAGE,
-                anyhow!("no spool: give --spool DIR, or set [spool] directory in the configuration"),
+                anyhow!(
+                    "no spool: give --spool DIR, or set [spool] directory in the configuration"
+                ),
             )
         })?;
     let spool = Spool::open(&dir).map_err(|e| {
@@ -104,11 +106,7 @@ pub async fn run(config: &Config, args: &RelayArgs) -> anyhow::Result<u8> {
         Some(m) => Some(crate::monitor::start(m, Arc::clone(&stats)).await?),
         None => None,
     };
-    let notifier = crate::notify::start(
-        Arc::clone(&stats),
-        shutdown.clone(),
-        connector.describe(),
-    );
+    let notifier = crate::notify::start(Arc::clone(&stats), shutdown.clone(), connector.describe());
     let progress = Progress::open(&spool)
         .with_context(|| format!("opening the progress mark in {}", dir.display()))?;
     let marks = Arc::new(Mutex::new(progress.read()));
@@ -377,7 +375,11 @@ impl Relay {
         self.in_flight.clear();
         self.reader = None;
         let mark = self.marks.lock().unwrap_or_else(|e| e.into_inner()).clone();
-        self.reader = Some(spawn_reader(self.spool.clone(), mark, Arc::clone(&self.stats)));
+        self.reader = Some(spawn_reader(
+            self.spool.clone(),
+            mark,
+            Arc::clone(&self.stats),
+        ));
     }
 
     /// Publish on one channel until stopped, lost or refused.
@@ -544,7 +546,10 @@ impl Relay {
                 record.display(),
                 batch.exchange
             );
-            append(&dir.join(format!("{}.reasons", batch.file_name)), reason.as_bytes())?;
+            append(
+                &dir.join(format!("{}.reasons", batch.file_name)),
+                reason.as_bytes(),
+            )?;
             Ok(record)
         });
         match written {

@@ -522,7 +522,9 @@ mod tests {
     fn spool_names_a_folder() {
         assert_eq!(parse("").spool.directory, None);
         assert_eq!(
-            parse("[spool]\ndirectory = \"/var/spool/fm\"").spool.directory,
+            parse("[spool]\ndirectory = \"/var/spool/fm\"")
+                .spool
+                .directory,
             Some(PathBuf::from("/var/spool/fm"))
         );
         assert_contains(

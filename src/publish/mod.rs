@@ -223,15 +223,18 @@ pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<u8> {
         )
     })?;
     if let Some(dir) = &args.spool {
-        let dir = dir.clone().or_else(|| config.spool.directory.clone()).ok_or_else(|| {
-            Exit::new(
-                code::USAGE,
-                anyhow!(
-                    "--spool needs a folder: give --spool DIR, or set [spool] directory in the \
+        let dir = dir
+            .clone()
+            .or_else(|| config.spool.directory.clone())
+            .ok_or_else(|| {
+                Exit::new(
+                    code::USAGE,
+                    anyhow!(
+                        "--spool needs a folder: give --spool DIR, or set [spool] directory in the \
                      configuration"
-                ),
-            )
-        })?;
+                    ),
+                )
+            })?;
         return spooled::run(config, args, dir, exchange).await;
     }
     let connector = Connector::new(config)?;

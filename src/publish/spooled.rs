@@ -79,7 +79,9 @@ pub(super) async fn run(
             if !keep_going {
                 return Err(Exit::new(
                     code::USAGE,
-                    anyhow!("{what}: {reason}; nothing was spooled (--keep-going skips such lines)"),
+                    anyhow!(
+                        "{what}: {reason}; nothing was spooled (--keep-going skips such lines)"
+                    ),
                 ));
             }
             tracing::warn!("{what}: {reason}; skipped (--keep-going)");

@@ -41,7 +41,10 @@ pub(super) async fn run(
     exchange: ShortString,
     connector: Connector,
 ) -> anyhow::Result<u8> {
-    let path = args.file.as_deref().expect("clap: --transaction requires FILE");
+    let path = args
+        .file
+        .as_deref()
+        .expect("clap: --transaction requires FILE");
     let input_name = if path.as_os_str() == "-" {
         "standard input".to_owned()
     } else {
@@ -151,8 +154,9 @@ impl Tx {
                 };
                 let out = match item {
                     Item::Message { line, message } => {
-                        Outgoing::new(count + 1, line, *message, &self.topic_prefix)
-                            .map_err(|why| rolled_back(format!("line {line} of {}: {why}", self.input_name)))?
+                        Outgoing::new(count + 1, line, *message, &self.topic_prefix).map_err(
+                            |why| rolled_back(format!("line {line} of {}: {why}", self.input_name)),
+                        )?
                     }
                     Item::Invalid { line, reason } => {
                         return Err(rolled_back(format!(

@@ -233,9 +233,11 @@ mod tests {
         };
         assert_eq!(Header::parse(h.line().as_bytes()), Ok(h));
         assert!(
-            Header::parse(br#"{"fm-spool": 2, "exchange": "", "topic_prefix": "", "mandatory": true}"#)
-                .unwrap_err()
-                .contains("format 2")
+            Header::parse(
+                br#"{"fm-spool": 2, "exchange": "", "topic_prefix": "", "mandatory": true}"#
+            )
+            .unwrap_err()
+            .contains("format 2")
         );
         assert!(Header::parse(b"{\"topic\": \"t\"}").is_err());
     }

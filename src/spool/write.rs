@@ -27,16 +27,9 @@ pub struct Batch {
 impl Batch {
     /// Start a batch of messages to publish as `header` says.
     pub fn create(spool: &Spool, header: &Header) -> io::Result<Batch> {
-        let name = format!(
-            "{}-{:016x}.tmp",
-            std::process::id(),
-            fastrand::u64(..)
-        );
+        let name = format!("{}-{:016x}.tmp", std::process::id(), fastrand::u64(..));
         let tmp = spool.root().join(TMP).join(name);
-        let file = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)?;
+        let file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
         let mut batch = Batch {
             spool: spool.clone(),
             tmp,
@@ -206,6 +199,9 @@ mod tests {
         b.push(&message(1)).unwrap();
         drop(b);
         assert_eq!(std::fs::read_dir(dir.path().join(TMP)).unwrap().count(), 0);
-        assert_eq!(std::fs::read_dir(dir.path().join(QUEUE)).unwrap().count(), 3);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(QUEUE)).unwrap().count(),
+            3
+        );
     }
 }

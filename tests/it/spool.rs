@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use futures_lite::StreamExt as _;
-use lapin::options::{BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
 use lapin::types::FieldTable;
 
 use crate::publish::{exchange_and_queue, queue_config};
@@ -15,7 +15,11 @@ use crate::util::{self, Broker, Fm, FmProcess, broker};
 /// `n` record lines of writer `w`, ids `w{w}-{first + i}` (zero-padded).
 fn lines(w: usize, first: usize, n: usize) -> String {
     (first..first + n)
-        .map(|i| format!("{{\"topic\": \"spool.test\", \"body\": {{\"n\": {i}}}, \"id\": \"w{w}-{i:06}\"}}\n"))
+        .map(|i| {
+            format!(
+                "{{\"topic\": \"spool.test\", \"body\": {{\"n\": {i}}}, \"id\": \"w{w}-{i:06}\"}}\n"
+            )
+        })
         .collect()
 }
 
@@ -40,8 +44,8 @@ fn relay(config: &str, dir: &Path) -> FmProcess {
         .spawn()
 }
 
-/// Every message id that arrives on `queue` until `n` have, or `within` passes (consumed with a
-/// no-ack consumer of its own).
+/// Every message id that arrives on `queue` until `n` have, or `within` passes (consumed, and
+/// acked, by a consumer of its own).
 async fn collect_ids(b: &Broker, queue: &str, n: usize, within: Duration) -> Vec<String> {
     let conn = b.connect().await;
     let chan = conn.create_channel().await.unwrap();
@@ -52,10 +56,9 @@ async fn collect_ids(b: &Broker, queue: &str, n: usize, within: Duration) -> Vec
         .basic_consume(
             queue.into(),
             "spool-test".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
+            // Acked one by one: what arrives beyond `n` goes back to the queue when the
+            // connection closes.
+            BasicConsumeOptions::default(),
             FieldTable::default(),
         )
         .await
@@ -65,13 +68,16 @@ async fn collect_ids(b: &Broker, queue: &str, n: usize, within: Duration) -> Vec
     while ids.len() < n {
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, consumer.next()).await {
-            Ok(Some(Ok(d))) => ids.push(
-                d.properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.as_str().to_owned())
-                    .unwrap_or_default(),
-            ),
+            Ok(Some(Ok(d))) => {
+                ids.push(
+                    d.properties
+                        .message_id()
+                        .as_ref()
+                        .map(|s| s.as_str().to_owned())
+                        .unwrap_or_default(),
+                );
+                d.ack(BasicAckOptions::default()).await.unwrap();
+            }
             _ => break,
         }
     }
@@ -95,7 +101,10 @@ fn check_delivery(got: &[String], expected: &BTreeMap<String, Vec<String>>) -> u
     let duplicates = got.len() - seen.len();
     for (writer, ids) in expected {
         let arrived = firsts.get(writer).cloned().unwrap_or_default();
-        let lost: Vec<&String> = ids.iter().filter(|i| !seen.contains_key(i.as_str())).collect();
+        let lost: Vec<&String> = ids
+            .iter()
+            .filter(|i| !seen.contains_key(i.as_str()))
+            .collect();
         assert!(
             lost.is_empty(),
             "writer {writer}: {} of {} lost, first {:?}",
@@ -139,7 +148,9 @@ async fn writers_enqueue_while_the_broker_is_down_and_the_relay_delivers_everyth
     let mut tasks = Vec::new();
     let mut expected = BTreeMap::new();
     for w in 0..writers {
-        let ids: Vec<String> = (0..calls * per_call).map(|i| format!("w{w}-{i:06}")).collect();
+        let ids: Vec<String> = (0..calls * per_call)
+            .map(|i| format!("w{w}-{i:06}"))
+            .collect();
         expected.insert(format!("w{w}"), ids);
         let (config, dir) = (config.clone(), spool.path().to_owned());
         tasks.push(tokio::spawn(async move {
@@ -191,7 +202,9 @@ async fn a_relay_killed_three_times_loses_nothing() {
     for w in 0..4 {
         expected.insert(
             format!("w{w}"),
-            (0..2500).map(|i| format!("w{w}-{i:06}")).collect::<Vec<_>>(),
+            (0..2500)
+                .map(|i| format!("w{w}-{i:06}"))
+                .collect::<Vec<_>>(),
         );
         for c in 0..5 {
             spool_file(&config, spool.path(), &lines(w, c * 500, 500), &[])
@@ -299,14 +312,19 @@ async fn writers_killed_mid_enqueue_publish_nothing_partial() {
 async fn garbage_in_the_spool_is_moved_aside_and_the_rest_delivered() {
     let Some(b) = broker() else { return };
     let (exchange, queue) = exchange_and_queue(&b, "spool-garbage").await;
-    let config = queue_config(&b, &exchange, &queue) + "\n[monitoring]\naddress = \"127.0.0.1\"\nport = 0\n";
+    let config =
+        queue_config(&b, &exchange, &queue) + "\n[monitoring]\naddress = \"127.0.0.1\"\nport = 0\n";
     let spool = tempfile::tempdir().unwrap();
     spool_file(&config, spool.path(), &lines(0, 0, 10), &[])
         .await
         .assert_code(0);
     let q = spool.path().join("queue");
     std::fs::write(q.join("garbage.txt"), "not a batch\n").unwrap();
-    std::fs::write(q.join("00000000000000000001-5-1.batch"), b"\xff\xfe binary\n").unwrap();
+    std::fs::write(
+        q.join("00000000000000000001-5-1.batch"),
+        b"\xff\xfe binary\n",
+    )
+    .unwrap();
     spool_file(&config, spool.path(), &lines(0, 10, 10), &[])
         .await
         .assert_code(0);
@@ -337,7 +355,11 @@ async fn garbage_in_the_spool_is_moved_aside_and_the_rest_delivered() {
     let bad = spool.path().join("bad");
     util::eventually(Duration::from_secs(10), async || {
         let files = files_in(&bad);
-        if files.len() == 3 { Ok(()) } else { Err(format!("{files:?}")) }
+        if files.len() == 3 {
+            Ok(())
+        } else {
+            Err(format!("{files:?}"))
+        }
     })
     .await;
     assert!(bad.join("garbage.txt").is_file());
@@ -380,7 +402,9 @@ async fn get(addr: std::net::SocketAddr, path: &str) -> String {
         .unwrap();
     let mut out = String::new();
     s.read_to_string(&mut out).await.unwrap();
-    out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or(out)
+    out.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_owned())
+        .unwrap_or(out)
 }
 
 /// What the broker returns (unroutable) or refuses goes to the failed area with why, in the
@@ -392,19 +416,30 @@ async fn refused_messages_go_to_the_failed_area_and_a_second_relay_is_refused() 
     let config = queue_config(&b, &exchange, &queue);
     let spool = tempfile::tempdir().unwrap();
     let missing = b.unique("spool-no-such-exchange");
-    spool_file(&config, spool.path(), &lines(0, 0, 5), &[]).await.assert_code(0);
-    // An exchange that does not exist: the broker closes the channel (404).
-    spool_file(&config, spool.path(), &lines(1, 0, 3), &["--exchange", &missing])
+    spool_file(&config, spool.path(), &lines(0, 0, 5), &[])
         .await
         .assert_code(0);
-    spool_file(&config, spool.path(), &lines(0, 5, 5), &[]).await.assert_code(0);
+    // An exchange that does not exist: the broker closes the channel (404).
+    spool_file(
+        &config,
+        spool.path(),
+        &lines(1, 0, 3),
+        &["--exchange", &missing],
+    )
+    .await
+    .assert_code(0);
+    spool_file(&config, spool.path(), &lines(0, 5, 5), &[])
+        .await
+        .assert_code(0);
 
     let mut fm = relay(&config, spool.path());
     fm.wait_for_stderr(fm::relay::RELAYING).await;
     let second = relay(&config, spool.path()).wait().await;
     second.assert_code(1);
     assert!(
-        second.stderr.contains(&format!("another fm relay (pid {})", fm.pid())),
+        second
+            .stderr
+            .contains(&format!("another fm relay (pid {})", fm.pid())),
         "{}",
         second.stderr
     );
@@ -412,7 +447,10 @@ async fn refused_messages_go_to_the_failed_area_and_a_second_relay_is_refused() 
     util::eventually(Duration::from_secs(30), async || {
         match files_in(&spool.path().join("queue")).len() {
             0 => Ok(()),
-            n => Err(format!("{n} batches left; the relay's log:\n{}", fm.stderr())),
+            n => Err(format!(
+                "{n} batches left; the relay's log:\n{}",
+                fm.stderr()
+            )),
         }
     })
     .await;
@@ -448,11 +486,7 @@ async fn refused_messages_go_to_the_failed_area_and_a_second_relay_is_refused() 
 
     // The fix: publish the failed file to the right exchange.
     let fm = Fm::new().config_toml(&config);
-    fm.arg("publish")
-        .arg(&record)
-        .run()
-        .await
-        .assert_code(0);
+    fm.arg("publish").arg(&record).run().await.assert_code(0);
     let replayed = collect_ids(&b, &queue, 3, Duration::from_secs(10)).await;
     assert_eq!(replayed, ["w1-000000", "w1-000001", "w1-000002"]);
 }
@@ -470,7 +504,9 @@ async fn a_full_spool_fails_clearly_and_what_was_spooled_is_delivered() {
     match mounted {
         Ok(out) if out.status.success() => {}
         other => {
-            util::skip(&format!("cannot mount a 64 KiB tmpfs (needs root): {other:?}"));
+            util::skip(&format!(
+                "cannot mount a 64 KiB tmpfs (needs root): {other:?}"
+            ));
             return;
         }
     }
@@ -498,11 +534,15 @@ async fn a_full_spool_fails_clearly_and_what_was_spooled_is_delivered() {
     let out = failure.expect("a 64 KiB spool fills up");
     out.assert_code(28);
     assert!(
-        out.stderr.contains("No space left on device") && out.stderr.contains("nothing was spooled"),
+        out.stderr.contains("No space left on device")
+            && out.stderr.contains("nothing was spooled"),
         "{}",
         out.stderr
     );
-    assert!(files_in(&mount.path().join("tmp")).is_empty(), "nothing half-written");
+    assert!(
+        files_in(&mount.path().join("tmp")).is_empty(),
+        "nothing half-written"
+    );
     assert!(!expected.is_empty());
     let fm = relay(&config, mount.path());
     let got = collect_ids(&b, &queue, expected.len(), Duration::from_secs(30)).await;

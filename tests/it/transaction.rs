@@ -13,7 +13,9 @@ fn file(bad: Option<(usize, &str)>) -> String {
     (1..=1000)
         .map(|i| match bad {
             Some((at, line)) if at == i => format!("{line}\n"),
-            _ => format!("{{\"topic\": \"tx.test\", \"body\": {{\"n\": {i}}}, \"id\": \"tx-{i:04}\"}}\n"),
+            _ => format!(
+                "{{\"topic\": \"tx.test\", \"body\": {{\"n\": {i}}}, \"id\": \"tx-{i:04}\"}}\n"
+            ),
         })
         .collect()
 }
@@ -113,7 +115,9 @@ async fn a_connection_lost_mid_transaction_publishes_nothing() {
     })
     .await;
     proxy.set(Mode::Down);
-    let _ = stdin.write_all((all[600..].join("\n") + "\n").as_bytes()).await;
+    let _ = stdin
+        .write_all((all[600..].join("\n") + "\n").as_bytes())
+        .await;
     drop(stdin);
     let out = tokio::time::timeout(Duration::from_secs(30), child.wait_with_output())
         .await
