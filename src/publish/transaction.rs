@@ -186,11 +186,7 @@ impl Tx {
             }
         }
         .await;
-        let done = match result {
-            Ok(()) => Ok(()),
-            Err(abort) => Err(abort),
-        };
-        if let Err(mut abort) = done {
+        if let Err(mut abort) = result {
             abort.why = self.end_without_commit(&channel, abort.why).await;
             return Err(abort);
         }

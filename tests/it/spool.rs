@@ -331,8 +331,7 @@ async fn garbage_in_the_spool_is_moved_aside_and_the_rest_delivered() {
     // A batch whose third line was damaged after it was spooled.
     let third = files_in(&q)
         .into_iter()
-        .filter(|n| n.ends_with(".batch") && !n.starts_with("00000000000000000001"))
-        .last()
+        .rfind(|n| n.ends_with(".batch") && !n.starts_with("00000000000000000001"))
         .unwrap();
     let path = q.join(&third);
     let text = std::fs::read_to_string(&path).unwrap();
