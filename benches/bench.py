@@ -312,6 +312,86 @@ def publish_runs(url, n_fast, n_slow, venv, rounds, results):
     tool("fill", url, QUEUE, 0)
 
 
+def spool_runs(url, n_fast, rounds):
+    """Issue 14: `fm publish --spool` enqueue latency per message (single-message calls, p50 and
+    p99), and `fm relay` throughput from a full spool beside `fm publish` of the same file."""
+    import shutil
+    conf = fm_config(url, "fm-spool", f'plugin = "{os.path.join(RELEASE, "libfm_noop.so")}"\n')
+    records = os.path.join(OUT, f"records-{n_fast}.jsonl")
+    tool("record-file", n_fast, records)
+    with open(records) as f:
+        lines = f.readlines()
+    batch = 100
+    chunks = []
+    for i in range(0, len(lines), batch):
+        path = os.path.join(OUT, "spool-chunks", f"{i // batch:05}.jsonl")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "w") as f:
+            f.writelines(lines[i:i + batch])
+        chunks.append(path)
+    rows = {"latency_ms": [], "relay": [], "publish": []}
+    spool = os.path.join(OUT, "spool")
+    for r in range(rounds):
+        shutil.rmtree(spool, ignore_errors=True)
+        os.makedirs(spool)
+        # Enqueue latency: one message per call, as a git hook or a cron job publishes.
+        for line in lines[:200]:
+            one = os.path.join(OUT, "spool-one.jsonl")
+            with open(one, "w") as f:
+                f.write(line)
+            t0 = time.perf_counter()
+            status = subprocess.run([FM, "-q", "--config", conf, "publish", one,
+                                     f"--spool={spool}"]).returncode
+            rows["latency_ms"].append((time.perf_counter() - t0) * 1000)
+            if status != 0:
+                raise RuntimeError(f"fm publish --spool exited {status}")
+        shutil.rmtree(spool, ignore_errors=True)
+        os.makedirs(spool)
+        for path in chunks:
+            subprocess.run([FM, "-q", "--config", conf, "publish", path, f"--spool={spool}"],
+                           check=True)
+        tool("fill", url, QUEUE, 0)
+        t0 = time.perf_counter()
+        proc = spawn([FM, "--config", conf, "relay", "--spool", spool], logname="relay")
+        while True:
+            depth = tool("depth", url, QUEUE)["ready"]
+            if depth >= n_fast:
+                break
+            if proc.poll() is not None or time.perf_counter() - t0 > 600:
+                raise RuntimeError(f"relay: exit {proc.poll()}, queue holds {depth}")
+            time.sleep(0.005)
+        secs = time.perf_counter() - t0
+        stop(proc, signal.SIGTERM)
+        rows["relay"].append(n_fast / secs)
+        tool("fill", url, QUEUE, 0)
+        t0 = time.perf_counter()
+        status = spawn([FM, "--config", conf, "publish", records], logname="spool-publish").wait(600)
+        secs_pub = time.perf_counter() - t0
+        if status != 0 or tool("depth", url, QUEUE)["ready"] != n_fast:
+            raise RuntimeError(f"fm publish: exit {status}")
+        rows["publish"].append(n_fast / secs_pub)
+        log(f"round {r + 1}: relay {n_fast / secs:.0f} msg/s, fm publish {n_fast / secs_pub:.0f} "
+            f"msg/s, enqueue p50 {statistics.median(rows['latency_ms']):.1f} ms")
+    tool("fill", url, QUEUE, 0)
+    lat = sorted(rows["latency_ms"])
+    p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+    relay, publish = med(rows["relay"]), med(rows["publish"])
+    text = "\n".join([
+        "### Spool and relay (issue 14)", "",
+        "| measure | value |", "|---|---:|",
+        f"| fm publish --spool, one message per call: enqueue latency p50 | "
+        f"{statistics.median(lat):.1f} ms |",
+        f"| fm publish --spool, one message per call: enqueue latency p99 | {p99:.1f} ms |",
+        f"| fm relay from a full spool ({n_fast:,} messages in batches of {batch}) | "
+        f"{relay:,.0f} msg/s |",
+        f"| fm publish FILE, same file, same run | {publish:,.0f} msg/s |",
+        f"| relay ≥ 0.8× fm publish | {relay / publish:.2f}× "
+        f"({'yes' if relay >= 0.8 * publish else '**no**'}) |", ""])
+    with open(os.path.join(OUT, "spool.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def ready_run(url, argv, env=None, timeout=30):
     """Spawn fm with NOTIFY_SOCKET; the time to READY=1, and VmHWM after a second idle."""
     with tempfile.TemporaryDirectory() as d:
@@ -550,6 +630,11 @@ def main():
     if not only or only & {"publish"}:
         phase("publish")
         publish_runs(args.url, args.fast, args.slow, args.venv, args.rounds, publish)
+
+    if only & {"spool"}:
+        phase("spool and relay")
+        spool_runs(args.url, args.fast, args.rounds)
+        return
 
     idle, ready, handshake = [], [], None
     if not only or only & {"idle"}:

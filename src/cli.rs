@@ -51,6 +51,9 @@ pub enum Command {
     Publish(PublishArgs),
     /// Consume messages and write each as one record-format JSON line.
     Record(RecordArgs),
+    /// Publish what `fm publish --spool` put in the spool, in order, until stopped: the
+    /// long-running service of fm-relay@.service.
+    Relay(RelayArgs),
     /// Check the configuration, callback, broker, queues and exchanges `fm consume` would use,
     /// without consuming; exit with the status consume would exit with.
     Check(ConsumeArgs),
@@ -166,6 +169,28 @@ pub struct PublishArgs {
     /// as fedora-messaging does, instead of failing with exit status 121.
     #[arg(long)]
     pub allow_unroutable: bool,
+    /// Write the messages durably into the spool folder DIR and return at once, broker up or
+    /// down, for `fm relay` to publish (default DIR: [spool] directory from the
+    /// configuration; write FILE before --spool, or --spool=DIR, when FILE follows).
+    #[arg(
+        long,
+        value_name = "DIR",
+        num_args = 0..=1,
+        conflicts_with_all = ["failed", "transaction", "timeout"]
+    )]
+    pub spool: Option<Option<PathBuf>>,
+    /// Publish every message of FILE in one AMQP transaction: all of them reach the broker, or
+    /// none does (exit status 125 when rolled back).
+    #[arg(long, requires = "file", conflicts_with_all = ["failed", "keep_going"])]
+    pub transaction: bool,
+}
+
+/// `fm relay`: publish what is spooled.
+#[derive(Debug, Args)]
+pub struct RelayArgs {
+    /// The spool folder (default: [spool] directory from the configuration).
+    #[arg(long, value_name = "DIR")]
+    pub spool: Option<PathBuf>,
 }
 
 /// `fm record`: consume like `fm consume` and write each message as one JSON line.

@@ -32,6 +32,12 @@ pub mod code {
     pub const PUBLISH_TIMEOUT: u8 = 111;
     /// `publish`: the message was returned as unroutable, nacked or forbidden (`EREMOTEIO`).
     pub const PUBLISH_REFUSED: u8 = 121;
+    /// `publish --spool`: the spool could not take the messages (`ENOSPC`): the disk is full,
+    /// the spool folder is missing, read-only or not writable. Nothing of the call was spooled.
+    pub const SPOOL_FAILED: u8 = 28;
+    /// `publish --transaction`: the transaction was rolled back (`ECANCELED`): a message was
+    /// returned or refused, or the connection was lost before the commit. Nothing was published.
+    pub const ROLLED_BACK: u8 = 125;
 }
 
 /// An error that ends the process with a specific exit code.

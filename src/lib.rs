@@ -18,8 +18,10 @@
 //!   [`attempts`]: poison-message detection that survives crashes.
 //! - [`callback`]: what messages are handed to (native plugins, commands, workers — the pool,
 //!   a process, the answer line in `callback/worker/` — Python, and `fm record`'s recorder).
-//! - [`publish`]: `fm publish`: input, pipeline, failed file, progress, report (`publish/`);
-//!   [`record`]: the `fm record` command.
+//! - [`publish`]: `fm publish`: input, pipeline, failed file, progress, report, the spooled
+//!   and transactional variants (`publish/`); [`record`]: the `fm record` command.
+//! - [`spool`]: the local store-and-forward spool of `fm publish --spool` (layout and naming,
+//!   the durable enqueue, the ordered read); [`relay`]: `fm relay`, which publishes it.
 //! - [`shutdown`]: the one stop path every loop listens to, a parameter of every long-running
 //!   entry point; [`stats`]: shared counters.
 //! - [`error`]: exit codes; only `main` turns an error into one.
@@ -47,7 +49,9 @@ pub mod monitor;
 pub mod notify;
 pub mod publish;
 pub mod record;
+pub mod relay;
 pub mod shutdown;
+pub mod spool;
 pub mod stats;
 pub mod time;
 
@@ -123,6 +127,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Completions(_) => unreachable!("handled before loading the configuration"),
         Command::Publish(args) => publish::run(&config, &args).await,
+        Command::Relay(args) => relay::run(&config, &args).await,
         Command::Record(args) => {
             config.apply_overrides(&args.overrides())?;
             record::run(config, &args, verbosity).await

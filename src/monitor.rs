@@ -217,8 +217,11 @@ fn plain(status: StatusCode, text: &'static str) -> Response<Full<Bytes>> {
 }
 
 /// `/ready`: fedora-messaging's `{"consuming": …, "published": …, "consumed": {…}}` in
-/// `json.dumps` layout, then a newline.
+/// `json.dumps` layout, then a newline; for `fm relay`, [`relay_ready_body`].
 pub fn ready_body(stats: &Stats) -> String {
+    if stats.spool.is_active() {
+        return relay_ready_body(stats);
+    }
     format!(
         "{{\"consuming\": {}, \"published\": {}, \"consumed\": {{\"received\": {}, \
          \"processed\": {}, \"dropped\": {}, \"rejected\": {}, \"failed\": {}}}}}\n",
@@ -230,6 +233,64 @@ pub fn ready_body(stats: &Stats) -> String {
         Stats::get(&stats.rejected),
         Stats::get(&stats.failed),
     )
+}
+
+/// `/ready` of `fm relay`: `{"relaying": …, "spool": {"depth": …, "oldest_age_seconds": …,
+/// "sent": …, "failed": …, "quarantined": …}}` in the same layout. `relaying` is true while a
+/// channel to the broker is open; the age is 0 when nothing waits.
+pub fn relay_ready_body(stats: &Stats) -> String {
+    let spool = &stats.spool;
+    format!(
+        "{{\"relaying\": {}, \"spool\": {{\"depth\": {}, \"oldest_age_seconds\": {:.3}, \
+         \"sent\": {}, \"failed\": {}, \"quarantined\": {}}}}}\n",
+        if stats.consuming() { "true" } else { "false" },
+        Stats::get(&spool.depth),
+        spool.oldest_age().unwrap_or_default().as_secs_f64(),
+        Stats::get(&spool.sent),
+        Stats::get(&spool.failed),
+        Stats::get(&spool.quarantined),
+    )
+}
+
+/// `fm relay`'s spool in `/metrics`.
+fn spool_metrics(out: &mut String, stats: &Stats) {
+    let spool = &stats.spool;
+    let rows: [(&str, &str, &str, f64); 5] = [
+        (
+            "fm_spool_depth_messages",
+            "Messages waiting in the spool (fm relay).",
+            "gauge",
+            Stats::get(&spool.depth) as f64,
+        ),
+        (
+            "fm_spool_oldest_age_seconds",
+            "How long the oldest message waiting in the spool has waited (0 when none waits).",
+            "gauge",
+            spool.oldest_age().unwrap_or_default().as_secs_f64(),
+        ),
+        (
+            "fm_spool_sent_total",
+            "Spooled messages the broker confirmed, deleted from the spool.",
+            "counter",
+            Stats::get(&spool.sent) as f64,
+        ),
+        (
+            "fm_spool_failed_total",
+            "Spooled messages the broker returned or refused, moved to the failed area.",
+            "counter",
+            Stats::get(&spool.failed) as f64,
+        ),
+        (
+            "fm_spool_quarantined_total",
+            "Files and lines of the spool that were not messages, moved aside.",
+            "counter",
+            Stats::get(&spool.quarantined) as f64,
+        ),
+    ];
+    for (name, help, kind, value) in rows {
+        header(out, name, help, kind);
+        let _ = writeln!(out, "{name} {value}");
+    }
 }
 
 /// Reads one per-queue counter.
@@ -360,6 +421,9 @@ pub fn metrics_body(stats: &Stats) -> String {
         let _ = writeln!(out, "{name} {value}");
     }
 
+    if stats.spool.is_active() {
+        spool_metrics(&mut out, stats);
+    }
     header(
         &mut out,
         "fm_build_info",
@@ -436,5 +500,26 @@ mod tests {
         assert!(text.contains("fm_callback_duration_seconds_count{queue=\"\"} 1\n"));
         assert!(text.contains("fm_connected 0\n"));
         assert!(text.contains("fm_last_healthy_timestamp_seconds 0\n"));
+        assert!(
+            !text.contains("fm_spool_"),
+            "only a relay speaks of a spool"
+        );
+    }
+
+    #[test]
+    fn a_relay_reports_its_spool() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let stats = Stats::default();
+        stats.spool.active.store(true, Relaxed);
+        stats.spool.depth.store(7, Relaxed);
+        stats.spool.sent.store(3, Relaxed);
+        assert_eq!(
+            ready_body(&stats),
+            "{\"relaying\": false, \"spool\": {\"depth\": 7, \"oldest_age_seconds\": 0.000, \
+             \"sent\": 3, \"failed\": 0, \"quarantined\": 0}}\n"
+        );
+        let text = metrics_body(&stats);
+        assert!(text.contains("fm_spool_depth_messages 7\n"), "{text}");
+        assert!(text.contains("fm_spool_sent_total 3\n"), "{text}");
     }
 }

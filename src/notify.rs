@@ -282,6 +282,9 @@ async fn report(
 
 /// The line `systemctl status` shows.
 pub fn status_line(stats: &Stats, shutdown: &Shutdown, target: &str) -> String {
+    if stats.spool.is_active() {
+        return relay_status_line(stats, shutdown, target);
+    }
     let handled = format!(
         "{} messages handled ({} acked, {} requeued, {} dropped, {} failed, {} invalid)",
         Stats::get(&stats.processed)
@@ -313,6 +316,33 @@ pub fn status_line(stats: &Stats, shutdown: &Shutdown, target: &str) -> String {
             Stats::get(&stats.reconnects)
         ),
         None => format!("connecting to {target}"),
+    }
+}
+
+/// `fm relay`'s status line: the broker and the spool.
+fn relay_status_line(stats: &Stats, shutdown: &Shutdown, target: &str) -> String {
+    let spool = &stats.spool;
+    let waiting = match spool.oldest_age() {
+        Some(age) => format!(
+            "{} spooled (oldest {:.0} s)",
+            Stats::get(&spool.depth),
+            age.as_secs_f64()
+        ),
+        None => format!("{} spooled", Stats::get(&spool.depth)),
+    };
+    let counts = format!(
+        "{waiting}, {} sent, {} failed, {} quarantined",
+        Stats::get(&spool.sent),
+        Stats::get(&spool.failed),
+        Stats::get(&spool.quarantined)
+    );
+    if shutdown.is_triggered() {
+        return format!("stopping; {counts}");
+    }
+    match stats.broker() {
+        Some(broker) if stats.consuming() => format!("relaying to {broker}; {counts}"),
+        Some(broker) => format!("connected to {broker}; {counts}"),
+        None => format!("connecting to {target}; {counts}"),
     }
 }
 

@@ -52,6 +52,44 @@ pub struct Stats {
     /// plus one (0: never).
     last_healthy: AtomicU64,
     changes: Changes,
+    /// The spool, when this process is `fm relay`.
+    pub spool: SpoolStats,
+}
+
+/// What `fm relay` reports about its spool (all zero, and `active` false, in other commands).
+#[derive(Debug, Default)]
+pub struct SpoolStats {
+    /// This process is a relay: `/ready`, `/metrics` and the status line speak of the spool.
+    pub active: AtomicBool,
+    /// Messages waiting in the spool (read from the batch names, every second).
+    pub depth: AtomicU64,
+    /// When the oldest waiting message was spooled, in ns since the epoch (0: none waits).
+    pub oldest_ns: AtomicU64,
+    /// Messages the broker confirmed (and that were not returned).
+    pub sent: AtomicU64,
+    /// Messages the broker returned or refused, moved to the failed area.
+    pub failed: AtomicU64,
+    /// Files and lines that were not messages, moved aside.
+    pub quarantined: AtomicU64,
+}
+
+impl SpoolStats {
+    /// How long the oldest waiting message has waited (`None`: none waits).
+    pub fn oldest_age(&self) -> Option<Duration> {
+        match self.oldest_ns.load(Relaxed) {
+            0 => None,
+            ns => Some(
+                SystemTime::now()
+                    .duration_since(UNIX_EPOCH + Duration::from_nanos(ns))
+                    .unwrap_or_default(),
+            ),
+        }
+    }
+
+    /// Whether this process is a relay.
+    pub fn is_active(&self) -> bool {
+        self.active.load(Relaxed)
+    }
 }
 
 /// Which per-queue counters there are, by the name the queue has in the configuration (the

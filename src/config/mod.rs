@@ -118,6 +118,15 @@ pub struct Config {
     pub tls: Tls,
     /// Log levels taken from the Python `dictConfig` table `[log_config]`.
     pub log_config: LogConfig,
+    /// `[spool]` (fm): where `fm publish --spool` writes and `fm relay` reads.
+    pub spool: Spool,
+}
+
+/// `[spool]`: the local store-and-forward spool of `fm publish --spool` and `fm relay`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Spool {
+    /// The spool folder; `None`: `--spool DIR` must name one.
+    pub directory: Option<PathBuf>,
 }
 
 /// An exchange from `[exchanges.NAME]`.
@@ -331,6 +340,7 @@ impl Default for Config {
             consumer_config: Map::new(),
             tls: Tls::default(),
             log_config: LogConfig::default(),
+            spool: Spool::default(),
         }
     }
 }
@@ -611,6 +621,7 @@ mod tests {
             "keyfile",
             "address",
             "port",
+            "directory",
             "plugin",
             "command",
             "mode",

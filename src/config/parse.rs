@@ -109,6 +109,10 @@ pub(super) const TOP_LEVEL: &[(&str, Reader)] = &[
         top.config.log_config = p.log_config(v)?;
         Ok(())
     }),
+    ("spool", |p, v, top| {
+        top.config.spool = p.spool(v)?;
+        Ok(())
+    }),
     ("connection_timeout", |p, v, top| {
         top.config.connection_timeout = p.seconds("connection_timeout", v, false)?;
         Ok(())

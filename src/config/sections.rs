@@ -242,6 +242,26 @@ impl<'t> Parser<'t> {
         }))
     }
 
+    /// `[spool]` (fm): the folder of `fm publish --spool` and `fm relay`.
+    pub(super) fn spool(&self, v: &Item<'t>) -> anyhow::Result<Spool> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct RawSpool {
+            directory: Option<String>,
+        }
+        self.table("[spool]", v)?;
+        let raw: RawSpool = self.de("[spool]", v)?;
+        match raw.directory {
+            Some(d) if d.is_empty() => Err(self.err(
+                v.span(),
+                "[spool] directory must not be empty (leave it out to have none)",
+            )),
+            d => Ok(Spool {
+                directory: d.map(PathBuf::from),
+            }),
+        }
+    }
+
     /// The levels of a Python `dictConfig` table; everything else in it is ignored.
     pub(super) fn log_config(&self, v: &Item<'t>) -> anyhow::Result<LogConfig> {
         let table = self.table("[log_config]", v)?;
@@ -496,6 +516,25 @@ mod tests {
             &["[tls]: unknown field `cafile`"],
         );
         assert_contains(&error("qos = 3"), &["[qos] must be a table, not a integer"]);
+    }
+
+    #[test]
+    fn spool_names_a_folder() {
+        assert_eq!(parse("").spool.directory, None);
+        assert_eq!(
+            parse("[spool]\ndirectory = \"/var/spool/fm\"")
+                .spool
+                .directory,
+            Some(PathBuf::from("/var/spool/fm"))
+        );
+        assert_contains(
+            &error("[spool]\ndirectory = \"\""),
+            &["[spool] directory must not be empty"],
+        );
+        assert_contains(
+            &error("[spool]\ndir = \"x\""),
+            &["[spool]: unknown field `dir`"],
+        );
     }
 
     #[test]

@@ -83,11 +83,14 @@ mod input;
 mod pipeline;
 mod progress;
 mod report;
+mod spooled;
+mod transaction;
 
 use failed::FailedFile;
 use input::{Item, Read, Source, adhoc_message};
 pub use input::{parse_header, parse_line, parse_severity};
-use pipeline::{InFlight, Outgoing};
+use pipeline::InFlight;
+pub(crate) use pipeline::{Outgoing, close, loss_text, open_channel, return_reason, soft_error};
 use progress::Progress;
 use report::plural;
 
@@ -219,7 +222,25 @@ pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<u8> {
             anyhow!("the exchange name is longer than 255 bytes: {exchange:.40}…"),
         )
     })?;
+    if let Some(dir) = &args.spool {
+        let dir = dir
+            .clone()
+            .or_else(|| config.spool.directory.clone())
+            .ok_or_else(|| {
+                Exit::new(
+                    code::USAGE,
+                    anyhow!(
+                        "--spool needs a folder: give --spool DIR, or set [spool] directory in the \
+                     configuration"
+                    ),
+                )
+            })?;
+        return spooled::run(config, args, dir, exchange).await;
+    }
     let connector = Connector::new(config)?;
+    if args.transaction {
+        return transaction::run(config, args, exchange, connector).await;
+    }
     let (source, input_name) = match &args.file {
         Some(path) if path.as_os_str() == "-" => {
             (Source::open(path).await?, "standard input".to_owned())

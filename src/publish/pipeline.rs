@@ -5,22 +5,22 @@
 use super::*;
 
 /// One message ready to go out, encoded once.
-pub(super) struct Outgoing {
+pub(crate) struct Outgoing {
     /// Its position among the messages read (1-based): orders the `--failed` file.
-    pub(super) seq: u64,
+    pub(crate) seq: u64,
     /// Its input line (0: the command line).
-    pub(super) line: usize,
+    pub(crate) line: usize,
     /// The message, for the record line written to `--failed`.
-    pub(super) message: Message,
-    pub(super) routing_key: ShortString,
-    pub(super) body: Vec<u8>,
-    pub(super) properties: BasicProperties,
+    pub(crate) message: Message,
+    pub(crate) routing_key: ShortString,
+    pub(crate) body: Vec<u8>,
+    pub(crate) properties: BasicProperties,
     /// Sent at least once (on a connection that may since have been lost).
-    pub(super) sent: bool,
+    pub(crate) sent: bool,
 }
 
 impl Outgoing {
-    pub(super) fn new(
+    pub(crate) fn new(
         seq: u64,
         line: usize,
         message: Message,
@@ -41,12 +41,12 @@ impl Outgoing {
         })
     }
 
-    pub(super) fn id(&self) -> &str {
+    pub(crate) fn id(&self) -> &str {
         self.message.id.as_deref().unwrap_or("<none>")
     }
 
     /// "message ID (line N)", for errors.
-    pub(super) fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         if self.line == 0 {
             format!("message {}", self.id())
         } else {
@@ -338,29 +338,7 @@ impl Publisher {
     /// A message came back (`basic.return`): find it by id among the confirmed messages,
     /// or remember it for when its confirm comes.
     pub(super) fn on_return(&mut self, r: BasicReturnMessage) {
-        let id = r
-            .delivery
-            .properties
-            .message_id()
-            .as_ref()
-            .map(|s| s.as_str().to_owned())
-            .unwrap_or_default();
-        let why = if r.reply_code == errors::NO_ROUTE {
-            format!(
-                "returned as unroutable ({} {}): no queue is bound to exchange '{}' with a key \
-                 matching '{}' (--allow-unroutable accepts such messages)",
-                r.reply_code,
-                r.reply_text.as_str(),
-                r.delivery.exchange.as_str(),
-                r.delivery.routing_key.as_str()
-            )
-        } else {
-            format!(
-                "returned by the broker ({} {})",
-                r.reply_code,
-                r.reply_text.as_str()
-            )
-        };
+        let (id, why) = return_reason(&r);
         if let Some(pos) = self.recent.iter().rposition(|o| o.id() == id) {
             let out = self.recent.remove(pos).expect("the position is valid");
             self.published -= 1;
@@ -471,10 +449,38 @@ impl Publisher {
     }
 }
 
+/// The id of a message the broker returned (`basic.return`), and why, in words.
+pub(crate) fn return_reason(r: &BasicReturnMessage) -> (String, String) {
+    let id = r
+        .delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_default();
+    let why = if r.reply_code == errors::NO_ROUTE {
+        format!(
+            "returned as unroutable ({} {}): no queue is bound to exchange '{}' with a key \
+             matching '{}' (--allow-unroutable accepts such messages)",
+            r.reply_code,
+            r.reply_text.as_str(),
+            r.delivery.exchange.as_str(),
+            r.delivery.routing_key.as_str()
+        )
+    } else {
+        format!(
+            "returned by the broker ({} {})",
+            r.reply_code,
+            r.reply_text.as_str()
+        )
+    };
+    (id, why)
+}
+
 /// The reply of a broker refusal that closed the channel (403, 404, 406…), if that is what
 /// this error is. Connection-level errors (320 CONNECTION_FORCED when the broker stops) are
 /// not refusals: fm reconnects.
-pub(super) fn soft_error(err: &lapin::Error) -> Option<String> {
+pub(crate) fn soft_error(err: &lapin::Error) -> Option<String> {
     match err.kind() {
         ErrorKind::ProtocolError(amqp) => match amqp.kind() {
             AMQPErrorKind::Soft(_) => {
@@ -488,7 +494,7 @@ pub(super) fn soft_error(err: &lapin::Error) -> Option<String> {
 
 /// What a lost connection looks like, in words: lapin reports a publish on a dead
 /// connection as an "invalid channel state".
-pub(super) fn loss_text(err: &lapin::Error) -> String {
+pub(crate) fn loss_text(err: &lapin::Error) -> String {
     match err.kind() {
         ErrorKind::InvalidChannelState(..) | ErrorKind::InvalidConnectionState(_) => {
             "the connection was closed (the broker stopped, or the network failed)".to_owned()
@@ -497,7 +503,7 @@ pub(super) fn loss_text(err: &lapin::Error) -> String {
     }
 }
 
-pub(super) async fn open_channel(connected: &Connected) -> anyhow::Result<Channel> {
+pub(crate) async fn open_channel(connected: &Connected) -> anyhow::Result<Channel> {
     let channel = connected
         .connection
         .create_channel()
@@ -512,7 +518,7 @@ pub(super) async fn open_channel(connected: &Connected) -> anyhow::Result<Channe
 
 /// Close the connection, without waiting long: a broker that blocks publishers (a memory
 /// or disk alarm) stops reading, and would never answer.
-pub(super) async fn close(connected: &Connected) {
+pub(crate) async fn close(connected: &Connected) {
     if connected.connection.status().connected() {
         let closing = connected.connection.close(200, "fm publish done".into());
         let _ = tokio::time::timeout(CLOSE_TIMEOUT, closing).await;

@@ -20,5 +20,7 @@ mod python;
 mod record;
 mod resilience;
 mod smoke;
+mod spool;
 mod tls;
+mod transaction;
 mod worker;

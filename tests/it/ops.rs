@@ -1245,6 +1245,7 @@ const INSTALLED_UNDER_USR: &[&str] = &[
     "usr/bin/fm",
     "usr/include/fm_plugin.h",
     "usr/lib/systemd/system/fm-consumer@.service",
+    "usr/lib/systemd/system/fm-relay@.service",
     "usr/lib/systemd/user/fm-consumer@.service",
     "usr/share/bash-completion/completions/fm",
     "usr/share/doc/fm/examples/fm.toml",
@@ -1355,6 +1356,13 @@ fn install_under_another_prefix_points_the_units_at_its_binary() {
             "{unit}:\n{text}"
         );
     }
+    // Issue 14: the relay's unit too.
+    let relay =
+        std::fs::read_to_string(dest.join("opt/fm/lib/systemd/system/fm-relay@.service")).unwrap();
+    assert!(
+        relay.contains("\nExecStart=/opt/fm/bin/fm relay --config "),
+        "{relay}"
+    );
 }
 
 #[test]
