@@ -1,5 +1,5 @@
 /*
- * fm_plugin.h - the fm native plugin ABI, version 1.
+ * fm_plugin.h - the fm native plugin ABI, version 1.1.
  *
  * This header is the source of truth for the interface between fm (the host) and a plugin: a
  * shared library that fm loads with dlopen(RTLD_NOW | RTLD_LOCAL) and calls for every message
@@ -62,6 +62,26 @@
  * below, which is why each versioned struct starts with its struct_size: before reading a field
  * that a later minor version appended, check that struct_size covers it. fm accepts plugins of
  * any minor version of its major.
+ *
+ * 1.0  the first version.
+ * 1.1  requests and replies: fm_message gains reply_to, correlation_id, reply_ctx and reply()
+ *      (check FM_MESSAGE_CAN_REPLY(msg) before using them), and the FM_MSG_RAW_BODY flag. A
+ *      plugin built against 1.0 loads and behaves exactly as before.
+ *
+ * Replies (1.1)
+ * -------------
+ * A message may be a request: its reply_to names where the answer goes (RabbitMQ's RPC
+ * convention; a pika, Java or Go client, or `fm call`, sets it). To answer, call
+ * msg->reply(msg->reply_ctx, body, len) during handle() and return FM_ACK: fm copies the bytes
+ * before reply() returns (the buffer stays the plugin's), publishes them to reply_to with the
+ * request's correlation id once handle() has returned, waits for the broker to confirm, and
+ * then acknowledges the request. Only FM_ACK sends a reply; any other result discards it.
+ * Calling reply() again replaces the previous reply. A reply that is one JSON document is sent
+ * with content_type application/json; any other bytes are sent as they are.
+ *
+ *     if (FM_MESSAGE_CAN_REPLY(msg) && msg->reply_to.len > 0)
+ *         msg->reply(msg->reply_ctx, (const uint8_t *)"{\"ok\": true}", 12);
+ *     return FM_ACK;
  */
 #ifndef FM_PLUGIN_H
 #define FM_PLUGIN_H
@@ -77,7 +97,7 @@ extern "C" {
 
 /* The ABI this header describes. Put these in fm_plugin.abi_major / abi_minor. */
 #define FM_ABI_MAJOR 1
-#define FM_ABI_MINOR 0
+#define FM_ABI_MINOR 1
 
 /* Marks fm_plugin_v1 as exported even when the plugin is built with -fvisibility=hidden. */
 #if defined(__GNUC__) || defined(__clang__)
@@ -106,6 +126,13 @@ extern "C" {
 
 /* fm_message.flags: the broker delivered this message before (it was requeued). */
 #define FM_MSG_REDELIVERED UINT32_C(0x1)
+/* fm_message.flags (1.1): the body is not a JSON object and is handed over as the bytes it is,
+ * because the configuration says [callback] body = "bytes"; json is then empty (len 0). */
+#define FM_MSG_RAW_BODY UINT32_C(0x2)
+
+/* Results of fm_message.reply() (1.1). */
+#define FM_REPLY_OK          0 /* kept: sent if handle() returns FM_ACK */
+#define FM_REPLY_NO_REPLY_TO 1 /* the message has no reply_to: there is no one to send it to */
 
 /* Levels for fm_host.log(). fm logs the text at the matching level, with the plugin's name.
  * A level below 1 is logged as FM_LOG_ERROR, above 5 as FM_LOG_TRACE. */
@@ -154,16 +181,31 @@ typedef struct fm_message {
     fm_bytes topic;       /* the routing key */
     fm_bytes queue;       /* the queue fm consumed it from */
     fm_bytes exchange;    /* the exchange it was published to */
-    fm_bytes body;        /* the body exactly as received: a JSON object */
+    fm_bytes body;        /* the body exactly as received: a JSON object (any bytes under
+                             FM_MSG_RAW_BODY) */
     fm_bytes headers_json; /* the AMQP headers as one JSON object */
     /* The whole message as one JSON object in the record-file format (what `fm record` writes
      * per line, without the newline): {"body", "headers", "id", "priority", "queue", "topic"},
      * keys sorted; "id", "priority" and "queue" may be null. Parse this one document if you
-     * want everything. */
+     * want everything. Empty under FM_MSG_RAW_BODY. */
     fm_bytes json;
     int32_t severity; /* the fedora_messaging_severity header: 10, 20, 30 or 40 (default 20) */
     int32_t priority; /* the AMQP priority; 0 if the message has none */
+
+    /* ---- 1.1: only there when FM_MESSAGE_CAN_REPLY(msg) ---- */
+    fm_bytes reply_to;       /* the AMQP reply_to property; empty if the message has none */
+    fm_bytes correlation_id; /* the AMQP correlation_id property; empty if none */
+    void *reply_ctx;         /* opaque; pass it back to reply() */
+    /* Keep `len` bytes at `body` (copied before it returns; body may be NULL when len is 0)
+     * as the reply to this message; see "Replies" above. Returns FM_REPLY_OK, or
+     * FM_REPLY_NO_REPLY_TO when the message has no reply_to (nothing will be sent). Callable
+     * from any thread, but only until handle() returns. */
+    int32_t (*reply)(void *reply_ctx, const uint8_t *body, size_t len);
 } fm_message;
+
+/* Whether `msg` (a const fm_message *) has the 1.1 fields, i.e. fm speaks ABI 1.1 or later. */
+#define FM_MESSAGE_CAN_REPLY(msg) \
+    ((msg)->struct_size >= offsetof(fm_message, reply) + sizeof((msg)->reply))
 
 /* Filled in by handle() when it returns FM_HALT. Owned by fm, valid only during the call; fm
  * passes it zeroed except struct_size, so returning FM_HALT without touching it means exit

@@ -14,13 +14,19 @@ what ``fedora-messaging consume`` does (``fedora_messaging/twisted/consumer.py``
   ``conf["consumer_config"]`` fm's ``[consumer_config]`` table;
 - ``Nack``, ``Drop`` and ``HaltConsumer`` map to nack, drop and halt; any other exception is a
   failure (its traceback is logged), which fm handles per ``[callback] on_error``; a
-  coroutine function is run to completion on an event loop kept for the worker's life.
+  coroutine function is run to completion on an event loop kept for the worker's life;
+- a return value other than ``None`` is the reply to a request (fm): ``bytes`` are sent as
+  they are (they must be UTF-8), anything else as ``json.dumps(value)``; a value json cannot
+  encode is a failure;
+- a message whose body is not a JSON object, handed over under ``[callback] body = "bytes"``
+  (its record has ``"raw_body": true``), is built without schema validation: its ``body`` is
+  the text fm received.
 
 The protocol runs over fd 0, a Unix socket shared with fm (both ways, one JSON object per
 line): first ``{"ready": true}`` (or ``{"ready": false, "error": ..., "exit_code": 1 or 2}``
 when the callback cannot be loaded), then one answer per message line:
 ``{"result": "ack"|"nack"|"drop"|"halt"|"fail", "exit_code": N, "requeue": bool,
-"error": "..."}``. fd 0 is then replaced by /dev/null for the callback. stdout is fm's own
+"error": "...", "reply_text": "..."}``. fd 0 is then replaced by /dev/null for the callback. stdout is fm's own
 stdout, so what a callback prints reaches it unchanged (flushed after every message); stderr
 carries log records, each line prefixed by its level name, which fm logs at that level.
 """
@@ -271,6 +277,23 @@ def _message_builder():
     _cache_validators(message_module)
 
     def build(record):
+        if record.get("raw_body"):
+            # Not a fedora-messaging message: no schema to find or check, the body is text.
+            message = message_module.Message(
+                body=record["body"],
+                headers=record.get("headers") or {},
+                topic=record["topic"],
+                properties=pika.BasicProperties(
+                    headers=record.get("headers") or {},
+                    message_id=record.get("id"),
+                    priority=record.get("priority"),
+                ),
+            )
+            message.body = record["body"]  # Message() turns an empty body into {}
+            if record.get("id"):
+                message.id = record["id"]
+            message.queue = record.get("queue")
+            return message
         # Rebuild the AMQP properties the message came with, and let fedora-messaging decode it
         # exactly as its consumer does: the same class, headers and attributes.
         properties = pika.BasicProperties(
@@ -317,7 +340,7 @@ def _answer_for(callback, record, build, loop):
         _log.warning("Message id %s did not pass validation; ignoring message", record.get("id"))
         return {"result": "drop", "error": "the message did not pass validation: %s" % e}
     try:
-        _call(callback, message, loop)
+        result = _call(callback, message, loop)
     except BaseException as e:  # noqa: B902 - every failure must reach fm, SystemExit too
         kind = _exception_kind(e)
         if kind == "halt":
@@ -333,7 +356,25 @@ def _answer_for(callback, record, build, loop):
             return {"result": kind}
         _log.exception("Received unexpected exception from consumer callback")
         return {"result": "fail", "error": "".join(traceback.format_exception_only(type(e), e)).strip()}
-    return {"result": "ack"}
+    if result is None:
+        return {"result": "ack"}
+    return _reply(result)
+
+
+def _reply(result):
+    """The ack answer carrying a callback's return value as the reply."""
+    try:
+        if isinstance(result, (bytes, bytearray)):
+            text = bytes(result).decode("utf-8")
+        else:
+            text = json.dumps(result)
+    except (TypeError, ValueError) as e:
+        return {
+            "result": "fail",
+            "error": "the callback returned a value fm cannot send as a reply "
+            "(bytes must be UTF-8, anything else JSON-serialisable): %s" % e,
+        }
+    return {"result": "ack", "reply_text": text}
 
 
 def main():

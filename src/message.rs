@@ -22,6 +22,7 @@ use lapin::types::{AMQPValue, FieldArray, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, message::Delivery};
 use serde_json::{Map, Number, Value};
 
+use crate::config::BodyMode;
 use crate::json::{self, Json};
 
 /// Header naming the message's schema (fedora-messaging's entry-point name).
@@ -80,6 +81,17 @@ impl Message {
     /// The message as one record-file line (no trailing newline), exactly as
     /// fedora-messaging's `dumps` writes it.
     pub fn record_line(&self) -> String {
+        self.write_record(false)
+    }
+
+    /// The record line of a message whose body is not a JSON object and was handed over as
+    /// bytes (`[callback] body = "bytes"`): `body` holds its text, and `"raw_body": true` (in
+    /// its sorted place) says so.
+    pub fn record_line_raw(&self) -> String {
+        self.write_record(true)
+    }
+
+    fn write_record(&self, raw_body: bool) -> String {
         // `json.dumps(m, ensure_ascii=False, sort_keys=True)`: the keys below are in sorted
         // order, and the body and headers are written in place, not copied into a record
         // first (this runs once per message).
@@ -110,6 +122,9 @@ impl Message {
             self.priority.unwrap_or(0)
         );
         text(&mut out, self.queue.as_deref());
+        if raw_body {
+            out.push_str(", \"raw_body\": true");
+        }
         out.push_str(", \"topic\": ");
         text(&mut out, Some(&self.topic));
         out.push('}');
@@ -324,6 +339,14 @@ pub struct Received {
     pub raw_body: Vec<u8>,
     /// The message as a record-file line (no newline): what plugins, commands and workers get.
     pub record: String,
+    /// The AMQP `reply_to` property: where the callback's reply goes (request/reply, issue 13).
+    pub reply_to: Option<String>,
+    /// The AMQP `correlation_id` property, copied into the reply.
+    pub correlation_id: Option<String>,
+    /// The body is not a JSON object and is handed over as bytes (`[callback] body =
+    /// "bytes"`): `raw_body` is it, `message.body` its text (invalid UTF-8 replaced) and
+    /// `record` says `"raw_body": true`.
+    pub raw: bool,
 }
 
 impl Received {
@@ -333,8 +356,15 @@ impl Received {
     /// message the AMQP parser had to repair ([`damage`]) make the message invalid: the caller
     /// drops it (`nack` without requeue).
     ///
+    /// With [`BodyMode::Bytes`], a body that is not UTF-8 JSON holding an object (in any
+    /// content encoding) is not a reason: the message is handed over with [`Received::raw`].
+    ///
     /// The body bytes are moved out of `delivery` (what is left of it is for acking).
-    pub fn from_delivery(delivery: &mut Delivery, queue: &str) -> Result<Received, Invalid> {
+    pub fn from_delivery(
+        delivery: &mut Delivery,
+        queue: &str,
+        bodies: BodyMode,
+    ) -> Result<Received, Invalid> {
         let props = &delivery.properties;
         let id = props.message_id().as_ref().map(|s| s.as_str().to_owned());
         let topic = delivery.routing_key.as_str();
@@ -363,19 +393,21 @@ impl Received {
                 "message arrived without a severity: a publisher is misbehaving; defaulting to INFO"
             );
         }
-        match props.content_encoding().as_ref().map(|e| e.as_str()) {
-            None => tracing::warn!("message arrived without a content encoding; assuming utf-8"),
-            Some(enc) if is_utf8_name(enc) => {}
-            Some(enc) => {
+        let decoded = decode_body(props, &delivery.data);
+        let (body, raw) = match (decoded, bodies) {
+            (Ok(body), _) if body.is_object() => (body, false),
+            (Ok(body), BodyMode::Json) => {
                 return Err(invalid(format!(
-                    "unsupported content encoding {enc:?} (fm decodes utf-8 only)"
+                    "the body must be a JSON object, not {}",
+                    body.type_name()
                 )));
             }
-        }
-        let text = std::str::from_utf8(&delivery.data)
-            .map_err(|e| invalid(format!("the body is not valid UTF-8: {e}")))?;
-        let body =
-            json::parse(text).map_err(|e| invalid(format!("the body is not valid JSON: {e}")))?;
+            (Err(reason), BodyMode::Json) => return Err(invalid(reason)),
+            (_, BodyMode::Bytes) => (
+                Json::from(Value::from(String::from_utf8_lossy(&delivery.data))),
+                true,
+            ),
+        };
         let message = Message {
             topic: topic.to_owned(),
             id: id.clone(),
@@ -384,14 +416,26 @@ impl Received {
             queue: Some(queue.to_owned()),
             priority: Some(props.priority().map_or(0, i64::from)),
         };
-        message.validate().map_err(invalid)?;
-        let record = message.record_line();
+        if raw {
+            validate_headers(&message.headers).map_err(invalid)?;
+        } else {
+            message.validate().map_err(invalid)?;
+        }
+        let record = if raw {
+            message.record_line_raw()
+        } else {
+            message.record_line()
+        };
+        let short = |s: &Option<ShortString>| s.as_ref().map(|s| s.as_str().to_owned());
         Ok(Received {
             message,
             exchange: delivery.exchange.as_str().to_owned(),
             redelivered: delivery.redelivered,
             raw_body: std::mem::take(&mut delivery.data),
             record,
+            reply_to: short(props.reply_to()).filter(|r| !r.is_empty()),
+            correlation_id: short(props.correlation_id()),
+            raw,
         })
     }
 
@@ -399,6 +443,23 @@ impl Received {
     pub fn id_for_log(&self) -> &str {
         self.message.id.as_deref().unwrap_or("<none>")
     }
+}
+
+/// A body as fedora-messaging decodes it: its content encoding UTF-8 (or absent), UTF-8 text,
+/// JSON. Whether it holds an object is the caller's question.
+fn decode_body(props: &BasicProperties, data: &[u8]) -> Result<Json, String> {
+    match props.content_encoding().as_ref().map(|e| e.as_str()) {
+        None => tracing::warn!("message arrived without a content encoding; assuming utf-8"),
+        Some(enc) if is_utf8_name(enc) => {}
+        Some(enc) => {
+            return Err(format!(
+                "unsupported content encoding {enc:?} (fm decodes utf-8 only)"
+            ));
+        }
+    }
+    let text =
+        std::str::from_utf8(data).map_err(|e| format!("the body is not valid UTF-8: {e}"))?;
+    json::parse(text).map_err(|e| format!("the body is not valid JSON: {e}"))
 }
 
 /// Why a delivered message was refused.
@@ -773,7 +834,8 @@ mod tests {
 
     #[test]
     fn a_delivery_the_parser_repaired_is_invalid_and_says_why() {
-        let refused = |d: &mut Delivery| Received::from_delivery(d, "q\n").unwrap_err();
+        let refused =
+            |d: &mut Delivery| Received::from_delivery(d, "q\n", BodyMode::Json).unwrap_err();
         let err = refused(&mut delivery("t.\u{FFFD}", "id-1", FieldTable::default()));
         assert_eq!(err.reason, "its routing key is not valid UTF-8");
         let err = refused(&mut delivery(
@@ -823,7 +885,7 @@ mod tests {
             ),
         );
         let mut d = delivery("t.é", "id-é", headers);
-        let r = Received::from_delivery(&mut d, "q").unwrap();
+        let r = Received::from_delivery(&mut d, "q", BodyMode::Json).unwrap();
         assert_eq!(r.message.topic, "t.é");
         // Header values are raw bytes, decoded leniently as pika does.
         assert_eq!(r.message.headers["x-death"][0]["reason"], "r\u{FFFD}");

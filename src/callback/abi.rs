@@ -27,7 +27,7 @@ pub const C_FLAGS: &[&str] = &[
 /// The ABI major version this fm implements (`FM_ABI_MAJOR`).
 pub const FM_ABI_MAJOR: u32 = 1;
 /// The ABI minor version this fm implements (`FM_ABI_MINOR`).
-pub const FM_ABI_MINOR: u32 = 0;
+pub const FM_ABI_MINOR: u32 = 1;
 
 /// `fm_plugin.flags`: `handle` may run on several threads at once.
 pub const FM_PLUGIN_THREAD_SAFE: u32 = 0x1;
@@ -45,6 +45,13 @@ pub const FM_FAIL: u32 = 0xFFFF_FFFF;
 
 /// `fm_message.flags`: the broker delivered this message before.
 pub const FM_MSG_REDELIVERED: u32 = 0x1;
+/// `fm_message.flags` (1.1): the body is not a JSON object, handed over as bytes.
+pub const FM_MSG_RAW_BODY: u32 = 0x2;
+
+/// `fm_message.reply` result (1.1): the reply is kept.
+pub const FM_REPLY_OK: i32 = 0;
+/// `fm_message.reply` result (1.1): the message has no `reply_to`.
+pub const FM_REPLY_NO_REPLY_TO: i32 = 1;
 
 /// `fm_host.log` levels.
 pub const FM_LOG_ERROR: u32 = 1;
@@ -79,6 +86,10 @@ pub type fm_handle_fn = unsafe extern "C" fn(
     halt: *mut fm_halt,
     err: *mut fm_error,
 ) -> u32;
+
+/// `fm_message.reply` (1.1).
+pub type fm_reply_fn =
+    unsafe extern "C" fn(reply_ctx: *mut c_void, body: *const u8, len: usize) -> i32;
 
 /// `fm_plugin.shutdown`.
 pub type fm_shutdown_fn = unsafe extern "C" fn(state: *mut c_void);
@@ -134,6 +145,11 @@ pub struct fm_message {
     pub json: fm_bytes,
     pub severity: i32,
     pub priority: i32,
+    // 1.1
+    pub reply_to: fm_bytes,
+    pub correlation_id: fm_bytes,
+    pub reply_ctx: *mut c_void,
+    pub reply: Option<fm_reply_fn>,
 }
 
 /// Filled in by `handle` when it returns [`FM_HALT`].
@@ -192,7 +208,11 @@ const _: () = {
     assert!(offset_of!(fm_message, json) == 8 + 12 * P);
     assert!(offset_of!(fm_message, severity) == 8 + 14 * P);
     assert!(offset_of!(fm_message, priority) == 12 + 14 * P);
-    assert!(size_of::<fm_message>() == 16 + 14 * P);
+    assert!(offset_of!(fm_message, reply_to) == 16 + 14 * P);
+    assert!(offset_of!(fm_message, correlation_id) == 16 + 16 * P);
+    assert!(offset_of!(fm_message, reply_ctx) == 16 + 18 * P);
+    assert!(offset_of!(fm_message, reply) == 16 + 19 * P);
+    assert!(size_of::<fm_message>() == 16 + 20 * P);
 
     assert!(offset_of!(fm_halt, exit_code) == 4);
     assert!(offset_of!(fm_halt, requeue) == 8);
@@ -211,6 +231,9 @@ const _: () = {
     // Option<fn> is a nullable function pointer: the same size as a C function pointer.
     assert!(size_of::<Option<fm_handle_fn>>() == P);
 };
+
+/// `sizeof(fm_message)` in ABI 1.0: what a plugin built against 1.0 knows of.
+pub const FM_MESSAGE_SIZE_1_0: u32 = (16 + 14 * P) as u32;
 
 /// The smallest `struct_size` a table may declare and still have an `abi_major` to read.
 pub const FM_PLUGIN_MIN_HEADER: u32 = (std::mem::offset_of!(fm_plugin, abi_major) + 4) as u32;

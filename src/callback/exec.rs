@@ -18,7 +18,13 @@
 //!   `[callback] timeout` seconds (its whole process group is then killed with SIGKILL) is a
 //!   failure, handled as `[callback] on_error` says: `halt` (the default, fedora-messaging's
 //!   failure path: requeue, exit 13), `requeue` or `drop`.
-//! - Its stdout and stderr go to fm's log, line by line, tagged with the message id.
+//! - Its stdout and stderr go to fm's log, line by line, tagged with the message id. With
+//!   `[callback] reply = "stdout"`, the stdout of a program run for a request (a message with
+//!   `reply_to`) is captured instead, up to [`MAX_REPLY`] bytes, and on exit status 0 sent as
+//!   the reply (issue 13); more than that is a failure.
+//! - A message whose body is not a JSON object, handed over under `[callback] body = "bytes"`,
+//!   reaches stdin as the bytes it is (no record line, no newline), and `FM_RAW_BODY` is
+//!   `true` (`false` otherwise).
 //!
 //! Every child is waited for, so none is left a zombie. The helpers shared with the long-lived
 //! workers ([`super::worker`]) live here too: finding the program at start, reading output
@@ -37,7 +43,7 @@ use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufRead
 use tokio::process::Command;
 
 use super::Outcome;
-use crate::config::{Config, OnError};
+use crate::config::{Config, ExecStdout, OnError};
 use crate::error::{Exit, code};
 use crate::message::Received;
 
@@ -49,6 +55,9 @@ pub const EX_TEMPFAIL: i32 = 75;
 /// Longest line of child output logged as one line; longer ones are logged in pieces, so a
 /// program writing megabytes without a newline cannot make fm buffer without bound.
 pub(crate) const MAX_LOG_LINE: usize = 16 * 1024;
+/// The largest reply a command may write to stdout under `reply = "stdout"` (1 MiB): a reply
+/// is one AMQP message held in memory, not a stream.
+pub const MAX_REPLY: usize = 1024 * 1024;
 /// How long fm waits, after the program exited, for the rest of its output. Output held open
 /// by a background process it left behind is still logged, just after the outcome.
 const OUTPUT_GRACE: Duration = Duration::from_secs(1);
@@ -61,6 +70,7 @@ pub struct Exec {
     timeout: Option<Duration>,
     on_error: OnError,
     consumer_config: String,
+    stdout: ExecStdout,
 }
 
 impl Exec {
@@ -79,6 +89,7 @@ impl Exec {
             timeout: config.callback.timeout,
             on_error: config.callback.on_error,
             consumer_config: config.consumer_config_json(),
+            stdout: config.callback.stdout,
         })
     }
 
@@ -120,6 +131,7 @@ impl Exec {
                 if msg.redelivered { "true" } else { "false" },
             )
             .env("FM_CONSUMER_CONFIG", &self.consumer_config)
+            .env("FM_RAW_BODY", if msg.raw { "true" } else { "false" })
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -155,9 +167,14 @@ impl Exec {
 
         // The message goes in from a task of its own: a program may write a lot before it reads
         // (or never read at all), and the pipes must keep draining meanwhile.
-        let mut input = Vec::with_capacity(msg.record.len() + 1);
-        input.extend_from_slice(msg.record.as_bytes());
-        input.push(b'\n');
+        let input = if msg.raw {
+            msg.raw_body.clone()
+        } else {
+            let mut line = Vec::with_capacity(msg.record.len() + 1);
+            line.extend_from_slice(msg.record.as_bytes());
+            line.push(b'\n');
+            line
+        };
         let stdin = child.stdin.take();
         let writer = tokio::spawn(async move {
             let Some(mut stdin) = stdin else { return };
@@ -170,8 +187,16 @@ impl Exec {
             // Dropping stdin closes it: the program sees end-of-file.
         });
         let mut output = Vec::with_capacity(2);
+        let capture = self.stdout == ExecStdout::Reply && msg.reply_to.is_some();
+        let reply = match child.stdout.take() {
+            Some(stdout) if capture => Some(tokio::spawn(read_reply(stdout))),
+            _ => None,
+        };
         for (stream, pipe) in [
-            ("stdout", child.stdout.take().map(boxed)),
+            (
+                "stdout",
+                child.stdout.take().filter(|_| !capture).map(boxed),
+            ),
             ("stderr", child.stderr.take().map(boxed)),
         ] {
             let Some(pipe) = pipe else { continue };
@@ -216,6 +241,19 @@ impl Exec {
         })
         .await;
 
+        let reply = match reply {
+            None => None,
+            Some(task) => match tokio::time::timeout(OUTPUT_GRACE, task).await {
+                Ok(Ok(Ok(bytes))) => Some(Ok(bytes)),
+                Ok(Ok(Err(why))) => Some(Err(why)),
+                Ok(Err(join)) => Some(Err(format!("reading its stdout failed: {join}"))),
+                Err(_) => Some(Err(format!(
+                    "its stdout was still open {:.0} s after it exited (a process it left \
+                     behind holds it)",
+                    OUTPUT_GRACE.as_secs_f64()
+                ))),
+            },
+        };
         match status {
             Err(e) => on_failure(
                 self.on_error,
@@ -223,7 +261,15 @@ impl Exec {
                 format!("waiting for '{}' failed: {e}", self.name),
             ),
             Ok(status) => match status.code() {
-                Some(0) => Outcome::Ack,
+                Some(0) => match reply {
+                    None => Outcome::Ack,
+                    Some(Ok(bytes)) => Outcome::Reply(bytes),
+                    Some(Err(why)) => on_failure(
+                        self.on_error,
+                        id,
+                        format!("'{}' exited with status 0, but {why}", self.name),
+                    ),
+                },
                 Some(EX_DATAERR) => Outcome::Drop,
                 Some(EX_TEMPFAIL) => Outcome::Nack,
                 _ => on_failure(
@@ -234,6 +280,26 @@ impl Exec {
             },
         }
     }
+}
+
+/// Read a command's stdout as its reply: all of it, up to [`MAX_REPLY`] bytes. What is written
+/// past the bound is read and thrown away (the program must not block on a full pipe), and the
+/// reply refused.
+async fn read_reply(stdout: impl AsyncRead + Unpin) -> Result<Vec<u8>, String> {
+    use tokio::io::AsyncReadExt as _;
+    let mut reply = Vec::new();
+    let mut limited = stdout.take(MAX_REPLY as u64 + 1);
+    limited
+        .read_to_end(&mut reply)
+        .await
+        .map_err(|e| format!("reading its stdout failed: {e}"))?;
+    if reply.len() > MAX_REPLY {
+        let _ = tokio::io::copy(&mut limited.into_inner(), &mut tokio::io::sink()).await;
+        return Err(format!(
+            "it wrote more than {MAX_REPLY} bytes to stdout, the most a reply may be"
+        ));
+    }
+    Ok(reply)
 }
 
 /// Kills a process group when dropped, unless disarmed (`.0 = None`) once its leader is reaped.

@@ -2,7 +2,9 @@
 //!
 //! Every kind of callback (a native plugin, a per-message command, a long-lived worker, a
 //! Python callback run through the bundled shim) answers with an [`Outcome`], which the consume
-//! loop maps onto the broker exactly as fedora-messaging maps a Python callback's result.
+//! loop maps onto the broker exactly as fedora-messaging maps a Python callback's result. Any
+//! of them may also answer a request with a reply ([`Outcome::Reply`]), which the consume
+//! loop publishes to the request's `reply_to` before acking it (`consume/reply.rs`).
 
 pub mod abi;
 pub mod exec;
@@ -16,6 +18,11 @@ pub mod worker;
 pub enum Outcome {
     /// Handled: `basic_ack`.
     Ack,
+    /// Handled, with an answer to a request (issue 13): the body is published to the
+    /// message's `reply_to` (confirmed, mandatory), then the message is acked exactly as for
+    /// [`Outcome::Ack`]. For a message without `reply_to` it is [`Outcome::Ack`]: the reply is
+    /// not sent anywhere. Only an ack carries a reply: a callback that fails sends none.
+    Reply(Vec<u8>),
     /// Not now: `basic_nack(requeue = true)` (fedora-messaging's `Nack`).
     Nack,
     /// Never: `basic_nack(requeue = false)`, dead-lettered if the queue has a DLX

@@ -15,6 +15,9 @@
 //! - Every refusal at load time (unloadable file, missing symbol, wrong `abi_major`, a table too
 //!   small for this ABI, failed `init`) is an [`Exit`] with [`code::FAILURE`] whose text names
 //!   the file, like fedora-messaging's exit 1 for a callback it cannot load.
+//! - A reply (ABI 1.1) is copied into an fm-owned slot that lives on the stack of the
+//!   `handle` call (`fm_message.reply_ctx` points to it); a plugin built against 1.0 never sees
+//!   the appended fields, since it reads no further than the `struct_size` it knows.
 //! - A plugin without `FM_PLUGIN_THREAD_SAFE` is serialised here, behind a mutex, so the consume
 //!   loop may call [`Plugin::handle`] from as many threads as it likes without undefined
 //!   behaviour; `shutdown` waits for calls in flight and runs exactly once.
@@ -31,9 +34,10 @@ use libloading::os::unix::{Library, RTLD_LOCAL, RTLD_NOW};
 
 use super::Outcome;
 use super::abi::{
-    self, FM_ABI_MAJOR, FM_ABI_MINOR, FM_ACK, FM_DROP, FM_FAIL, FM_HALT, FM_MSG_REDELIVERED,
-    FM_NACK, FM_PLUGIN_MIN_HEADER, FM_PLUGIN_THREAD_SAFE, fm_bytes, fm_error, fm_halt,
-    fm_handle_fn, fm_host, fm_message, fm_plugin, fm_plugin_v1_fn, fm_shutdown_fn,
+    self, FM_ABI_MAJOR, FM_ABI_MINOR, FM_ACK, FM_DROP, FM_FAIL, FM_HALT, FM_MSG_RAW_BODY,
+    FM_MSG_REDELIVERED, FM_NACK, FM_PLUGIN_MIN_HEADER, FM_PLUGIN_THREAD_SAFE, FM_REPLY_NO_REPLY_TO,
+    FM_REPLY_OK, fm_bytes, fm_error, fm_halt, fm_handle_fn, fm_host, fm_message, fm_plugin,
+    fm_plugin_v1_fn, fm_shutdown_fn,
 };
 use crate::error::{Exit, code};
 use crate::limits;
@@ -229,27 +233,42 @@ impl Plugin {
     /// Hand one message to the plugin and translate its answer.
     ///
     /// Blocking: it runs the plugin's code, so call it from a blocking thread. A result other
-    /// than the four defined ones is [`Outcome::Fail`] with the text the plugin wrote.
+    /// than the four defined ones is [`Outcome::Fail`] with the text the plugin wrote; FM_ACK
+    /// after a call of `fm_message.reply` is [`Outcome::Reply`].
     pub fn handle(&self, msg: &Received) -> Outcome {
         let m = &msg.message;
         // A map of JSON values always serialises; there is no I/O and no non-string key.
         let headers_json = serde_json::to_string(&m.headers).expect("JSON headers serialise");
+        let slot = ReplySlot {
+            accepts: msg.reply_to.is_some(),
+            body: Mutex::new(None),
+        };
+        let mut flags = 0;
+        if msg.redelivered {
+            flags |= FM_MSG_REDELIVERED;
+        }
+        if msg.raw {
+            flags |= FM_MSG_RAW_BODY;
+        }
         let raw = fm_message {
             struct_size: abi::struct_size::<fm_message>(),
-            flags: if msg.redelivered {
-                FM_MSG_REDELIVERED
-            } else {
-                0
-            },
+            flags,
             id: fm_bytes::borrow(m.id.as_deref().unwrap_or("").as_bytes()),
             topic: fm_bytes::borrow(m.topic.as_bytes()),
             queue: fm_bytes::borrow(m.queue.as_deref().unwrap_or("").as_bytes()),
             exchange: fm_bytes::borrow(msg.exchange.as_bytes()),
             body: fm_bytes::borrow(&msg.raw_body),
             headers_json: fm_bytes::borrow(headers_json.as_bytes()),
-            json: fm_bytes::borrow(msg.record.as_bytes()),
+            // A raw body has no record line a plugin could parse as a message.
+            json: fm_bytes::borrow(if msg.raw { &[] } else { msg.record.as_bytes() }),
             severity: saturate(m.severity()),
             priority: saturate(m.priority.unwrap_or(0)),
+            reply_to: fm_bytes::borrow(msg.reply_to.as_deref().unwrap_or("").as_bytes()),
+            correlation_id: fm_bytes::borrow(
+                msg.correlation_id.as_deref().unwrap_or("").as_bytes(),
+            ),
+            reply_ctx: std::ptr::from_ref(&slot).cast_mut().cast(),
+            reply: Some(host_reply),
         };
         let mut halt = fm_halt {
             struct_size: abi::struct_size::<fm_halt>(),
@@ -278,11 +297,16 @@ impl Plugin {
                 .map(|m| m.lock().unwrap_or_else(PoisonError::into_inner));
             // SAFETY: `state` is what init returned and shutdown has not run (we hold the read
             // lock); non-thread-safe plugins are serialised by `_serial`. `raw` and every
-            // buffer it borrows, `halt`, `err` and `buf` outlive the call, as the header says.
+            // buffer it borrows (the reply slot included), `halt`, `err` and `buf` outlive the
+            // call, as the header says.
             unsafe { (self.handle_fn)(state, &raw, &mut halt, &mut err) }
         };
+        let reply = slot
+            .body
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner);
         match result {
-            FM_ACK => Outcome::Ack,
+            FM_ACK => reply.map_or(Outcome::Ack, Outcome::Reply),
             FM_NACK => Outcome::Nack,
             FM_DROP => Outcome::Drop,
             FM_HALT => {
@@ -433,6 +457,37 @@ unsafe extern "C" fn host_log(ctx: *mut c_void, level: u32, msg: *const c_char, 
         abi::FM_LOG_DEBUG => tracing::debug!(target: "fm::plugin", plugin, "{text}"),
         _ => tracing::trace!(target: "fm::plugin", plugin, "{text}"),
     }
+}
+
+/// What `fm_message.reply_ctx` points to during one `handle` call: where `reply` copies the
+/// plugin's reply. Lives on the stack of [`Plugin::handle`], which outlives the call.
+struct ReplySlot {
+    /// The message has a `reply_to`: a reply can be sent.
+    accepts: bool,
+    /// The last reply given. A mutex: a thread-safe plugin may reply from another thread.
+    body: Mutex<Option<Vec<u8>>>,
+}
+
+/// `fm_message.reply` (ABI 1.1): keep a copy of the plugin's reply for the message.
+unsafe extern "C" fn host_reply(ctx: *mut c_void, body: *const u8, len: usize) -> i32 {
+    if ctx.is_null() {
+        return FM_REPLY_NO_REPLY_TO;
+    }
+    // SAFETY: the only reply_ctx fm hands out points to the `ReplySlot` of the handle call in
+    // progress, and the header allows reply() only until handle() returns.
+    let slot = unsafe { &*ctx.cast::<ReplySlot>() };
+    if !slot.accepts {
+        return FM_REPLY_NO_REPLY_TO;
+    }
+    let bytes: &[u8] = if body.is_null() || len == 0 {
+        &[]
+    } else {
+        // SAFETY: the header makes the plugin promise `len` readable bytes at `body` for the
+        // duration of the call.
+        unsafe { std::slice::from_raw_parts(body, len) }
+    };
+    *slot.body.lock().unwrap_or_else(PoisonError::into_inner) = Some(bytes.to_vec());
+    FM_REPLY_OK
 }
 
 /// The text a plugin wrote into an error buffer: up to the first NUL, or the whole buffer if

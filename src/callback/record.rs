@@ -216,7 +216,9 @@ mod tests {
                 )
                 .unwrap(),
             );
-        Arc::new(Received::from_delivery(&mut delivery, "q").unwrap())
+        Arc::new(
+            Received::from_delivery(&mut delivery, "q", crate::config::BodyMode::Json).unwrap(),
+        )
     }
 
     #[test]

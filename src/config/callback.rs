@@ -74,6 +74,8 @@ impl<'t> Parser<'t> {
             _timeout: Option<serde::de::IgnoredAny>,
             on_error: Option<Spanned<String>>,
             max_redeliveries: Option<Spanned<i64>>,
+            body: Option<Spanned<String>>,
+            reply: Option<Spanned<String>>,
         }
         if !v.get_ref().is_table() {
             return Err(self.err(
@@ -216,6 +218,44 @@ impl<'t> Parser<'t> {
                 )
             })?);
         }
+        if let Some(b) = raw.body {
+            cb.body = match b.get_ref().as_str() {
+                "json" => BodyMode::Json,
+                "bytes" => BodyMode::Bytes,
+                other => {
+                    return Err(self.err(
+                        b.span(),
+                        format!("[callback] body '{other}' is unknown; use \"json\" or \"bytes\""),
+                    ));
+                }
+            };
+        }
+        if let Some(r) = raw.reply {
+            let exec = matches!(
+                cb.kind,
+                Some(CallbackKind::Command {
+                    mode: CommandMode::Exec,
+                    ..
+                })
+            );
+            cb.stdout = match r.get_ref().as_str() {
+                "stdout" if exec => ExecStdout::Reply,
+                "stdout" => {
+                    return Err(self.err(
+                        r.span(),
+                        "[callback] reply = \"stdout\" applies only to commands in exec mode \
+                         (workers answer with \"reply\" in their answer line, plugins and \
+                         Python callbacks reply themselves)",
+                    ));
+                }
+                other => {
+                    return Err(self.err(
+                        r.span(),
+                        format!("[callback] reply '{other}' is unknown; use \"stdout\""),
+                    ));
+                }
+            };
+        }
         Ok(cb)
     }
 }
@@ -323,6 +363,13 @@ mod tests {
         );
         assert_eq!(c.callback.timeout, Some(Duration::from_secs(60)));
 
+        let c = parse("[callback]\ncommand = [\"/bin/cat\"]\nreply = \"stdout\"\nbody = \"bytes\"");
+        assert_eq!(c.callback.stdout, ExecStdout::Reply);
+        assert_eq!(c.callback.body, BodyMode::Bytes);
+        let c = parse("[callback]\nplugin = \"/p/libx.so\"\nbody = \"json\"");
+        assert_eq!(c.callback.stdout, ExecStdout::Log);
+        assert_eq!(c.callback.body, BodyMode::Json);
+
         // Settings without a kind: the callback comes from --callback.
         let c = parse("[callback]\nconcurrency = 2");
         assert_eq!(c.callback.kind, None);
@@ -407,6 +454,18 @@ mod tests {
             (
                 "command = [\"x\"]\nmax_redeliveries = -1",
                 "max_redeliveries must be 0 or more",
+            ),
+            (
+                "command = [\"x\"]\nbody = \"text\"",
+                "[callback] body 'text' is unknown; use \"json\" or \"bytes\"",
+            ),
+            (
+                "command = [\"x\"]\nreply = \"stderr\"",
+                "[callback] reply 'stderr' is unknown",
+            ),
+            (
+                "command = [\"x\"]\nmode = \"worker\"\nreply = \"stdout\"",
+                "reply = \"stdout\" applies only to commands in exec mode",
             ),
             (
                 "command = [\"x\"]\nretries = 3",

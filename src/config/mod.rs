@@ -224,6 +224,10 @@ pub struct CallbackConfig {
     pub on_error: OnError,
     /// Drop a message redelivered more than this many times (fm poison-message guard).
     pub max_redeliveries: Option<u32>,
+    /// What a delivery whose body is not a JSON object becomes (`[callback] body`, fm).
+    pub body: BodyMode,
+    /// What exec mode does with a command's standard output (`[callback] reply`, fm).
+    pub stdout: ExecStdout,
 }
 
 impl Default for CallbackConfig {
@@ -234,8 +238,36 @@ impl Default for CallbackConfig {
             timeout: None,
             on_error: OnError::Halt,
             max_redeliveries: None,
+            body: BodyMode::Json,
+            stdout: ExecStdout::Log,
         }
     }
+}
+
+/// What fm does with a delivery whose body is not a JSON object (`[callback] body`).
+///
+/// fedora-messaging drops such a message; a request from a client that is not
+/// fedora-messaging (a pika program sending `b"Marco"`) is one (issue 13).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BodyMode {
+    /// fedora-messaging's rule: the body must be UTF-8 JSON holding an object, or the message
+    /// is dropped (`"json"`, the default).
+    #[default]
+    Json,
+    /// Hand it to the callback as the bytes it is (`"bytes"`): see `fm-callbacks(7)` for what
+    /// each kind of callback then sees.
+    Bytes,
+}
+
+/// What exec mode does with a command's standard output (`[callback] reply`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ExecStdout {
+    /// Log it line by line (the default).
+    #[default]
+    Log,
+    /// Capture it (up to [`crate::callback::exec::MAX_REPLY`] bytes) and, on exit status 0,
+    /// send it as the reply to a request (`reply = "stdout"`).
+    Reply,
 }
 
 /// The kinds of callback fm can run.

@@ -1,6 +1,6 @@
 //! One message's life: decode it (dropping what is not a valid message), apply the
 //! redelivery limit, hand it to the callback as its [`Dispatch`] says, and settle it as the
-//! outcome asks (ack, requeue, drop, halt, fail).
+//! outcome asks (ack, requeue, drop, halt, fail; a reply is published first, `reply.rs`).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -10,6 +10,7 @@ use lapin::{Channel, message::Delivery};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
+use super::reply::Replier;
 use super::{CONSUMED, Context};
 use crate::attempts::Verdict;
 use crate::callback::{Dispatch, Outcome};
@@ -25,6 +26,7 @@ pub(super) async fn handle_delivery(
     ctx: Arc<Context>,
     permit: OwnedSemaphorePermit,
     dispatch: Dispatch,
+    replier: Arc<Replier>,
 ) {
     let span = tracing::info_span!(
         "message",
@@ -37,15 +39,16 @@ pub(super) async fn handle_delivery(
             .map_or("<none>", |s| s.as_str()),
     );
     async move {
-        let received = match Received::from_delivery(&mut delivery, &queue) {
-            Ok(r) => Arc::new(r),
-            Err(invalid) => {
-                tracing::warn!("{invalid}; dropping it");
-                ctx.stats.count(&queue, Counter::Invalid);
-                settle(&channel, &delivery, Settle::Nack { requeue: false }).await;
-                return;
-            }
-        };
+        let received =
+            match Received::from_delivery(&mut delivery, &queue, ctx.config.callback.body) {
+                Ok(r) => Arc::new(r),
+                Err(invalid) => {
+                    tracing::warn!("{invalid}; dropping it");
+                    ctx.stats.count(&queue, Counter::Invalid);
+                    settle(&channel, &delivery, Settle::Nack { requeue: false }).await;
+                    return;
+                }
+            };
         ctx.stats.count(&queue, Counter::Received);
         let topic = received.message.topic.clone();
         let id = received.id_for_log().to_owned();
@@ -69,11 +72,39 @@ pub(super) async fn handle_delivery(
         let started = Instant::now();
         let outcome = match dispatch {
             Dispatch::Thread(plugin) => Dispatch::call_here(&plugin, &received),
-            Dispatch::Task => ctx.handler.handle(received).await,
+            Dispatch::Task => ctx.handler.handle(Arc::clone(&received)).await,
         };
         ctx.stats.observe_callback(&queue, started.elapsed());
         drop(in_flight);
+        let outcome = match outcome {
+            Outcome::Reply(body) => match &received.reply_to {
+                Some(to) => match replier.send(&received, &body).await {
+                    Ok(()) => {
+                        tracing::debug!("replied to message {id} ({} bytes to {to:?})", body.len());
+                        Outcome::Ack
+                    }
+                    Err(err) => {
+                        // The reply may or may not have gone out: answering again is the
+                        // at-least-once side of that doubt.
+                        tracing::warn!(
+                            "could not send the reply to message {id}: {err:#}; returning the \
+                             message to the queue to be answered again"
+                        );
+                        Outcome::Nack
+                    }
+                },
+                None => {
+                    tracing::debug!(
+                        "the callback replied to message {id}, which has no reply_to: nothing \
+                         to send"
+                    );
+                    Outcome::Ack
+                }
+            },
+            other => other,
+        };
         match outcome {
+            Outcome::Reply(_) => unreachable!("a reply was sent and became an ack above"),
             Outcome::Ack => {
                 // An ack on a channel that is gone (a lost heartbeat) never reached the broker:
                 // the message comes again, so it was not consumed yet (settle logs why).

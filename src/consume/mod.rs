@@ -21,10 +21,12 @@
 
 //!
 //! The rooms: this file holds the process's life (reconnect until stopped), `session.rs` one
-//! connection's life (declare, register a consumer per queue, run their loops, drain), and
-//! `delivery.rs` one message's life (decode, redelivery limit, callback, settle).
+//! connection's life (declare, register a consumer per queue, run their loops, drain),
+//! `delivery.rs` one message's life (decode, redelivery limit, callback, settle), and
+//! `reply.rs` the reply to a request (publish it with confirm and mandatory, then ack).
 
 mod delivery;
+mod reply;
 mod session;
 
 use std::sync::Arc;

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::delivery::handle_delivery;
+use super::reply::Replier;
 use super::{Context, End, REGISTERED};
 use crate::amqp::declare::{self, DeclaredQueue};
 use crate::amqp::{Connected, errors};
@@ -47,6 +48,11 @@ pub(super) async fn run(
             Err(err) => return classify(err),
         }
     }
+    // Replies to requests go out on a channel of their own, in confirm mode (reply.rs).
+    let replier = match Replier::open(conn).await {
+        Ok(r) => Arc::new(r),
+        Err(err) => return classify(err),
+    };
     ctx.stats.set_consuming(true);
     tracing::info!(
         broker = %connected.url,
@@ -68,6 +74,7 @@ pub(super) async fn run(
                 Arc::clone(permits),
                 stop.clone(),
                 tracker.clone(),
+                Arc::clone(&replier),
             )
         };
         if matches!(ctx.handler.dispatch(), Dispatch::Thread(_)) {
@@ -101,12 +108,14 @@ pub(super) async fn run(
             // Let in-flight callbacks finish (their acks still count) before exiting.
             ctx.shutdown.trigger(code::FAILURE, format!("{err:#}"));
             drain(ctx, &consumers, &tracker).await;
+            replier.close().await;
         }
         return end;
     }
     // A stop was asked for: no new deliveries, let in-flight messages finish and be acked;
     // prefetched ones go back to the queue when the channels close.
     drain(ctx, &consumers, &tracker).await;
+    replier.close().await;
     End::Stopped
 }
 
@@ -244,6 +253,7 @@ async fn consume_loop(
     permits: Arc<Semaphore>,
     stop: CancellationToken,
     tracker: TaskTracker,
+    replier: Arc<Replier>,
 ) -> End {
     // On a thread of its own (`on_own_thread`), the loop handles each delivery itself.
     let dispatch = ctx.handler.dispatch();
@@ -281,6 +291,7 @@ async fn consume_loop(
                     Arc::clone(&ctx),
                     permit.expect("a slot is taken for every delivery"),
                     dispatch.clone(),
+                    Arc::clone(&replier),
                 );
                 match dispatch {
                     Dispatch::Thread(_) => handling.await,

@@ -60,6 +60,9 @@ fn received(topic: &str) -> Received {
         message,
         exchange: "amq.topic".to_owned(),
         redelivered: true,
+        reply_to: None,
+        correlation_id: None,
+        raw: false,
     }
 }
 
@@ -79,6 +82,9 @@ fn bare(topic: &str) -> Received {
         message,
         exchange: String::new(),
         redelivered: false,
+        reply_to: None,
+        correlation_id: None,
+        raw: false,
     }
 }
 

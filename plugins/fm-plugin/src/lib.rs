@@ -50,7 +50,7 @@ pub mod sys {
     use std::ffi::{c_char, c_void};
 
     pub const FM_ABI_MAJOR: u32 = 1;
-    pub const FM_ABI_MINOR: u32 = 0;
+    pub const FM_ABI_MINOR: u32 = 1;
     pub const FM_PLUGIN_THREAD_SAFE: u32 = 0x1;
     pub const FM_ACK: u32 = 0;
     pub const FM_NACK: u32 = 1;
@@ -58,6 +58,9 @@ pub mod sys {
     pub const FM_HALT: u32 = 3;
     pub const FM_FAIL: u32 = 0xFFFF_FFFF;
     pub const FM_MSG_REDELIVERED: u32 = 0x1;
+    pub const FM_MSG_RAW_BODY: u32 = 0x2;
+    pub const FM_REPLY_OK: i32 = 0;
+    pub const FM_REPLY_NO_REPLY_TO: i32 = 1;
     pub const FM_LOG_ERROR: u32 = 1;
     pub const FM_LOG_WARN: u32 = 2;
     pub const FM_LOG_INFO: u32 = 3;
@@ -100,7 +103,14 @@ pub mod sys {
         pub json: fm_bytes,
         pub severity: i32,
         pub priority: i32,
+        // 1.1: only there when struct_size covers them (see `Message::can_reply`).
+        pub reply_to: fm_bytes,
+        pub correlation_id: fm_bytes,
+        pub reply_ctx: *mut c_void,
+        pub reply: Option<fm_reply_fn>,
     }
+
+    pub type fm_reply_fn = unsafe extern "C" fn(*mut c_void, *const u8, usize) -> i32;
 
     #[repr(C)]
     #[derive(Debug)]
@@ -149,7 +159,9 @@ pub mod sys {
         assert!(size_of::<fm_host>() == 3 * P);
         assert!(offset_of!(fm_message, json) == 8 + 12 * P);
         assert!(offset_of!(fm_message, priority) == 12 + 14 * P);
-        assert!(size_of::<fm_message>() == 16 + 14 * P);
+        assert!(offset_of!(fm_message, reply_to) == 16 + 14 * P);
+        assert!(offset_of!(fm_message, reply) == 16 + 19 * P);
+        assert!(size_of::<fm_message>() == 16 + 20 * P);
         assert!(offset_of!(fm_halt, requeue) == 8);
         assert!(size_of::<fm_halt>() == 12);
         assert!(offset_of!(fm_plugin, name) == 16);
@@ -269,9 +281,56 @@ impl<'a> Message<'a> {
         self.text(self.raw.exchange)
     }
 
-    /// The body exactly as received (a JSON object, UTF-8).
+    /// The body exactly as received: a JSON object, UTF-8, unless [`Message::raw_body`].
     pub fn body(&self) -> &'a [u8] {
         self.bytes(self.raw.body)
+    }
+
+    /// Whether the body is not a JSON object and is handed over as the bytes it is (fm's
+    /// `[callback] body = "bytes"`); `json()` is then `""`.
+    pub fn raw_body(&self) -> bool {
+        self.raw.flags & sys::FM_MSG_RAW_BODY != 0
+    }
+
+    /// Whether the fm that called speaks ABI 1.1 or later: it passes `reply_to`,
+    /// `correlation_id` and takes replies. An fm of ABI 1.0 does not (`reply_to()` is then
+    /// `""`, and [`Message::reply`] and [`Outcome::Reply`] fail).
+    pub fn can_reply(&self) -> bool {
+        self.raw.struct_size as usize
+            >= std::mem::offset_of!(sys::fm_message, reply) + size_of::<Option<sys::fm_reply_fn>>()
+    }
+
+    /// The AMQP `reply_to` property: where a reply goes; `""` if the message is not a request.
+    pub fn reply_to(&self) -> &'a str {
+        if self.can_reply() {
+            self.text(self.raw.reply_to)
+        } else {
+            ""
+        }
+    }
+
+    /// The AMQP `correlation_id` property; `""` if none.
+    pub fn correlation_id(&self) -> &'a str {
+        if self.can_reply() {
+            self.text(self.raw.correlation_id)
+        } else {
+            ""
+        }
+    }
+
+    /// Keep `body` as the reply to this request, sent once `handle` returns [`Outcome::Ack`]
+    /// (which [`Outcome::Reply`] does for you). Calling it again replaces the reply.
+    pub fn reply(&self, body: &[u8]) -> Result<(), ReplyError> {
+        let reply = match self.raw.reply {
+            Some(f) if self.can_reply() => f,
+            _ => return Err(ReplyError::Unsupported),
+        };
+        // SAFETY: fm (ABI 1.1, checked above) passed this function and its context for the
+        // duration of the handle call, which `'a` does not outlive; `body` is readable.
+        match unsafe { reply(self.raw.reply_ctx, body.as_ptr(), body.len()) } {
+            sys::FM_REPLY_OK => Ok(()),
+            _ => Err(ReplyError::NoReplyTo),
+        }
     }
 
     /// The headers as one JSON object.
@@ -301,11 +360,38 @@ impl<'a> Message<'a> {
     }
 }
 
+/// Why [`Message::reply`] did not take a reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyError {
+    /// The message has no `reply_to`: there is no one to send a reply to.
+    NoReplyTo,
+    /// The fm that loaded the plugin speaks ABI 1.0, which has no replies: upgrade fm.
+    Unsupported,
+}
+
+impl std::fmt::Display for ReplyError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ReplyError::NoReplyTo => "the message has no reply_to",
+            ReplyError::Unsupported => {
+                "this fm speaks plugin ABI 1.0, which cannot send replies (ABI 1.1 can): upgrade fm"
+            }
+        })
+    }
+}
+
+impl std::error::Error for ReplyError {}
+
 /// What a plugin decided about a message; the same choices as a fedora-messaging callback.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Outcome {
     /// Handled: acknowledge it.
     Ack,
+    /// Handled, and this is the answer to the request: fm publishes it to the message's
+    /// `reply_to` (with its correlation id), then acknowledges it. For a message without
+    /// `reply_to` this is [`Outcome::Ack`]. On an fm of ABI 1.0 it fails the message, saying
+    /// that fm cannot send replies.
+    Reply(Vec<u8>),
     /// Not now: return it to the queue (`Nack`).
     Nack,
     /// Never: reject it, dead-lettered if the queue has a DLX (`Drop`).
@@ -558,6 +644,13 @@ pub mod __private {
         let outcome = catch_unwind(AssertUnwindSafe(|| unsafe { A::handle(plugin, &msg) }));
         match outcome {
             Ok(Outcome::Ack) => sys::FM_ACK,
+            Ok(Outcome::Reply(body)) => match msg.reply(&body) {
+                Ok(()) | Err(ReplyError::NoReplyTo) => sys::FM_ACK,
+                Err(e @ ReplyError::Unsupported) => {
+                    write_error(err, &e.to_string());
+                    sys::FM_FAIL
+                }
+            },
             Ok(Outcome::Nack) => sys::FM_NACK,
             Ok(Outcome::Drop) => sys::FM_DROP,
             Ok(Outcome::Halt {
@@ -678,6 +771,9 @@ mod tests {
                 }
                 "nack" => Outcome::Nack,
                 "drop" => Outcome::Drop,
+                "reply" => Outcome::Reply(
+                    format!("{} {}", msg.reply_to(), msg.correlation_id()).into_bytes(),
+                ),
                 _ => Outcome::Halt {
                     exit_code: self.calls as i32,
                     requeue: msg.redelivered(),
@@ -746,8 +842,26 @@ mod tests {
 
     /// Call handle with a message on `topic`: (result, halt, error text).
     fn handle(state: *mut c_void, topic: &str) -> (u32, sys::fm_halt, String) {
+        handle_sized(state, topic, size_of::<sys::fm_message>(), &mut None)
+    }
+
+    /// What the test host's `reply` keeps.
+    unsafe extern "C" fn test_reply(ctx: *mut c_void, body: *const u8, len: usize) -> i32 {
+        let slot = unsafe { &mut *ctx.cast::<Option<Vec<u8>>>() };
+        *slot = Some(unsafe { std::slice::from_raw_parts(body, len) }.to_vec());
+        sys::FM_REPLY_OK
+    }
+
+    /// [`handle`] as an fm whose fm_message is `size` bytes calls it (the 1.0 size: an fm that
+    /// knows nothing of replies, and leaves garbage after it); a reply lands in `reply`.
+    fn handle_sized(
+        state: *mut c_void,
+        topic: &str,
+        size: usize,
+        reply: &mut Option<Vec<u8>>,
+    ) -> (u32, sys::fm_halt, String) {
         let msg = sys::fm_message {
-            struct_size: size_of::<sys::fm_message>() as u32,
+            struct_size: size as u32,
             flags: sys::FM_MSG_REDELIVERED,
             id: b("id-1"),
             topic: b(topic),
@@ -758,6 +872,10 @@ mod tests {
             json: b("{}"),
             severity: 30,
             priority: 4,
+            reply_to: b("amq.rabbitmq.reply-to.x"),
+            correlation_id: b("c-1"),
+            reply_ctx: std::ptr::from_mut(reply).cast(),
+            reply: Some(test_reply),
         };
         let mut halt = sys::fm_halt {
             struct_size: size_of::<sys::fm_halt>() as u32,
@@ -818,6 +936,23 @@ mod tests {
         assert_eq!(text, "é".repeat(127), "255 bytes fit; half an é does not");
         unsafe { table().shutdown.unwrap()(state) };
         assert_eq!(logged(sys::FM_LOG_INFO, "shutdown {\"k\": \"v\"}"), 1);
+    }
+
+    #[test]
+    fn a_reply_reaches_fm_of_abi_1_1_and_fails_clearly_on_1_0() {
+        let state = init("{}").unwrap();
+        let mut reply = None;
+        let (rc, _, _) = handle_sized(state, "reply", size_of::<sys::fm_message>(), &mut reply);
+        assert_eq!(rc, sys::FM_ACK);
+        assert_eq!(reply.as_deref(), Some(&b"amq.rabbitmq.reply-to.x c-1"[..]));
+        // An fm of ABI 1.0 passes a smaller fm_message: the appended fields are not read.
+        let size_1_0 = std::mem::offset_of!(sys::fm_message, reply_to);
+        let mut reply = None;
+        let (rc, _, text) = handle_sized(state, "reply", size_1_0, &mut reply);
+        assert_eq!(rc, sys::FM_FAIL);
+        assert!(text.starts_with("this fm speaks plugin ABI 1.0"), "{text}");
+        assert_eq!(reply, None);
+        unsafe { table().shutdown.unwrap()(state) };
     }
 
     #[test]

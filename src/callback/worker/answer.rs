@@ -1,4 +1,10 @@
 //! The answer line a worker writes for each message, and the outcome it asks for.
+//!
+//! An `ack` may carry the reply to a request (issue 13): `"reply": VALUE` is sent as that JSON
+//! value, encoded (compact, keys in the order given); `"reply_text": "TEXT"` is sent as the
+//! UTF-8 bytes of the text, as it is (how the Python shim sends what a callback returned, and
+//! how a worker answers a client that does not speak JSON). `"reply": null` is no reply. A
+//! reply with any other result is ignored: only an ack sends one.
 
 use serde::Deserialize;
 
@@ -16,6 +22,10 @@ pub(super) struct Answer {
     requeue: Option<bool>,
     #[serde(default)]
     error: Option<String>,
+    #[serde(default)]
+    reply: Option<serde_json::Value>,
+    #[serde(default)]
+    reply_text: Option<String>,
 }
 
 impl Answer {
@@ -33,7 +43,18 @@ impl Answer {
         Ok(match self.result.as_str() {
             "ack" => {
                 note("acked");
-                Outcome::Ack
+                match (&self.reply, &self.reply_text) {
+                    (Some(_), Some(_)) => {
+                        return Err(
+                            "answered with both \"reply\" and \"reply_text\"; give one".into()
+                        );
+                    }
+                    (Some(value), None) => Outcome::Reply(
+                        serde_json::to_vec(value).expect("a JSON value always serialises"),
+                    ),
+                    (None, Some(text)) => Outcome::Reply(text.clone().into_bytes()),
+                    (None, None) => Outcome::Ack,
+                }
             }
             "nack" => {
                 note("returned");
@@ -120,6 +141,43 @@ mod tests {
             outcome(r#"{"result": "fail"}"#, OnError::Drop),
             Ok(Outcome::Drop)
         );
+    }
+
+    #[test]
+    fn an_ack_may_carry_a_reply() {
+        assert_eq!(
+            outcome(
+                r#"{"result": "ack", "reply": {"b": 1, "a": [true]}}"#,
+                OnError::Halt
+            ),
+            Ok(Outcome::Reply(br#"{"b":1,"a":[true]}"#.to_vec()))
+        );
+        assert_eq!(
+            outcome(r#"{"result": "ack", "reply": "Polo"}"#, OnError::Halt),
+            Ok(Outcome::Reply(br#""Polo""#.to_vec()))
+        );
+        assert_eq!(
+            outcome(r#"{"result": "ack", "reply_text": "Polo"}"#, OnError::Halt),
+            Ok(Outcome::Reply(b"Polo".to_vec()))
+        );
+        assert_eq!(
+            outcome(r#"{"result": "ack", "reply": null}"#, OnError::Halt),
+            Ok(Outcome::Ack)
+        );
+        assert_eq!(
+            outcome(r#"{"result": "nack", "reply": 1}"#, OnError::Halt),
+            Ok(Outcome::Nack),
+            "only an ack sends a reply"
+        );
+        assert!(
+            outcome(
+                r#"{"result": "ack", "reply": 1, "reply_text": "1"}"#,
+                OnError::Halt
+            )
+            .unwrap_err()
+            .contains("both")
+        );
+        assert!(outcome(r#"{"result": "ack", "reply_text": 1}"#, OnError::Halt).is_err());
     }
 
     #[test]
