@@ -54,6 +54,9 @@ pub enum Command {
     /// Publish what `fm publish --spool` put in the spool, in order, until stopped: the
     /// long-running service of fm-relay@.service.
     Relay(RelayArgs),
+    /// Ask an RPC server: publish a request with reply_to and a correlation id, wait for the
+    /// matching reply, print it (one request, or a file of them).
+    Call(CallArgs),
     /// Check the configuration, callback, broker, queues and exchanges `fm consume` would use,
     /// without consuming; exit with the status consume would exit with.
     Check(ConsumeArgs),
@@ -183,6 +186,43 @@ pub struct PublishArgs {
     /// none does (exit status 125 when rolled back).
     #[arg(long, requires = "file", conflicts_with_all = ["failed", "keep_going"])]
     pub transaction: bool,
+}
+
+/// `fm call`: one request (`--body`) or a FILE of them, answered over RabbitMQ's direct
+/// reply-to.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("what").required(true).args(["file", "body"])))]
+pub struct CallArgs {
+    /// A file of requests, one body per line ("-" for stdin); each reply is printed as one JSON
+    /// line with the request's line number and correlation id.
+    #[arg(value_name = "FILE", conflicts_with = "body")]
+    pub file: Option<PathBuf>,
+    /// The routing key to publish the requests with (the key the server's queue is bound
+    /// with, or its name with --exchange "").
+    #[arg(long, value_name = "KEY")]
+    pub routing_key: String,
+    /// The body of one request: a JSON object (any text with --raw).
+    #[arg(long, value_name = "BODY")]
+    pub body: Option<String>,
+    /// The exchange to publish to (default: publish_exchange from the configuration; "" is
+    /// the default exchange, which routes by queue name).
+    #[arg(long, value_name = "NAME")]
+    pub exchange: Option<String>,
+    /// Send each body as the bytes it is, not as a fedora-messaging message.
+    #[arg(long)]
+    pub raw: bool,
+    /// How long to wait for the broker, and for each reply (seconds, more than 0 and at most
+    /// 86400); a reply that does not come in time is exit status 124.
+    #[arg(long, value_name = "SECONDS", default_value = "30", value_parser = parse_seconds)]
+    pub timeout: std::time::Duration,
+    /// With FILE, how many requests may wait for their reply at once.
+    #[arg(
+        long,
+        value_name = "N",
+        default_value = "100",
+        value_parser = clap::value_parser!(u16).range(1..=10_000)
+    )]
+    pub in_flight: u16,
 }
 
 /// `fm relay`: publish what is spooled.

@@ -32,6 +32,9 @@ pub mod code {
     pub const PUBLISH_TIMEOUT: u8 = 111;
     /// `publish`: the message was returned as unroutable, nacked or forbidden (`EREMOTEIO`).
     pub const PUBLISH_REFUSED: u8 = 121;
+    /// `call`: a reply did not come within `--timeout` (as timeout(1) exits). The broker
+    /// unreachable is [`PUBLISH_TIMEOUT`], a request no queue receives [`PUBLISH_REFUSED`].
+    pub const CALL_TIMEOUT: u8 = 124;
     /// `publish --spool`: the spool could not take the messages (`ENOSPC`): the disk is full,
     /// the spool folder is missing, read-only or not writable. Nothing of the call was spooled.
     pub const SPOOL_FAILED: u8 = 28;

@@ -20,6 +20,8 @@
 //!   a process, the answer line in `callback/worker/` — Python, and `fm record`'s recorder).
 //! - [`publish`]: `fm publish`: input, pipeline, failed file, progress, report, the spooled
 //!   and transactional variants (`publish/`); [`record`]: the `fm record` command.
+//! - [`call`]: `fm call`, the RPC client: requests with a correlation id, replies over
+//!   RabbitMQ's direct reply-to (the server side is `consume/reply.rs`).
 //! - [`spool`]: the local store-and-forward spool of `fm publish --spool` (layout and naming,
 //!   the durable enqueue, the ordered read); [`relay`]: `fm relay`, which publishes it.
 //! - [`shutdown`]: the one stop path every loop listens to, a parameter of every long-running
@@ -35,6 +37,7 @@
 
 pub mod amqp;
 pub mod attempts;
+pub mod call;
 pub mod callback;
 pub mod check;
 pub mod cli;
@@ -127,6 +130,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<u8> {
         }
         Command::Completions(_) => unreachable!("handled before loading the configuration"),
         Command::Publish(args) => publish::run(&config, &args).await,
+        Command::Call(args) => call::run(&config, &args).await,
         Command::Relay(args) => relay::run(&config, &args).await,
         Command::Record(args) => {
             config.apply_overrides(&args.overrides())?;

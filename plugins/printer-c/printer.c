@@ -9,6 +9,10 @@
  *     Headers: <headers as JSON, indent 4, keys sorted, non-ASCII as \uXXXX>
  *     Body: <body, the same way>
  *
+ * A request (a message with reply_to, ABI 1.1) is answered with the text printed for it: the
+ * reply is copied by fm during msg->reply(), so the buffer stays this plugin's. A body that is
+ * not a JSON object (fm's [callback] body = "bytes") is printed as the bytes it is.
+ *
  * It shows how little a plugin needs: one exported function returning a static table, no
  * allocation that crosses the boundary (the output buffer is this plugin's own, freed here),
  * and borrowed fm_bytes that are read during the call only.
@@ -252,9 +256,34 @@ static int put_pretty(out *o, const uint8_t *s, size_t n) {
 
 /* ---- The plugin ----------------------------------------------------------------------- */
 
+/* Write `o` to stdout and, for a request, hand it to fm as the reply; then free it. */
+static uint32_t emit(const fm_message *msg, out *o, fm_error *err) {
+    uint32_t result = FM_ACK;
+    if (o->oom) {
+        snprintf(err->buf, err->cap, "printer: out of memory");
+        result = FM_FAIL;
+    } else if (fwrite(o->p, 1, o->len, stdout) != o->len || fflush(stdout) != 0) {
+        snprintf(err->buf, err->cap, "printer: cannot write to standard output");
+        result = FM_FAIL;
+    } else if (FM_MESSAGE_CAN_REPLY(msg) && msg->reply_to.len > 0) {
+        msg->reply(msg->reply_ctx, (const uint8_t *)o->p, o->len);
+    }
+    free(o->p);
+    return result;
+}
+
 static uint32_t handle(void *state, const fm_message *msg, fm_halt *halt, fm_error *err) {
     (void)state;
     (void)halt;
+    if (FM_MESSAGE_CAN_REPLY(msg) && (msg->flags & FM_MSG_RAW_BODY)) {
+        out o = {0};
+        puts_(&o, "Topic: ");
+        put(&o, msg->topic.ptr, msg->topic.len);
+        puts_(&o, "\nBody: ");
+        put(&o, msg->body.ptr, msg->body.len);
+        puts_(&o, "\n");
+        return emit(msg, &o, err);
+    }
     const uint8_t *doc = msg->json.ptr;
     size_t n = msg->json.len;
     size_t hs, he, bs, be, is, ie;
@@ -280,20 +309,13 @@ static uint32_t handle(void *state, const fm_message *msg, fm_halt *halt, fm_err
     ok = ok && put_pretty(&o, doc + bs, be - bs);
     puts_(&o, "\n");
 
-    uint32_t result = FM_ACK;
-    if (o.oom) {
-        snprintf(err->buf, err->cap, "printer: out of memory");
-        result = FM_FAIL;
-    } else if (!ok) {
+    if (!ok && !o.oom) {
         snprintf(err->buf, err->cap, "printer: message %.*s is not valid JSON",
                  (int)msg->id.len, (const char *)msg->id.ptr);
-        result = FM_FAIL;
-    } else if (fwrite(o.p, 1, o.len, stdout) != o.len || fflush(stdout) != 0) {
-        snprintf(err->buf, err->cap, "printer: cannot write to standard output");
-        result = FM_FAIL;
+        free(o.p);
+        return FM_FAIL;
     }
-    free(o.p);
-    return result;
+    return emit(msg, &o, err);
 }
 
 static const fm_plugin PLUGIN = {

@@ -91,3 +91,24 @@ mod tests {
         assert!(format!("{err:#}").contains("the broker said 403"));
     }
 }
+
+/// Why the broker returned a message published `mandatory`, in words: for `NO_ROUTE`, which
+/// exchange and key found no queue.
+pub fn returned(r: &lapin::message::BasicReturnMessage) -> String {
+    if r.reply_code == NO_ROUTE {
+        format!(
+            "returned as unroutable ({} {}): no queue is bound to exchange '{}' with a key \
+             matching '{}'",
+            r.reply_code,
+            r.reply_text.as_str(),
+            r.delivery.exchange.as_str(),
+            r.delivery.routing_key.as_str()
+        )
+    } else {
+        format!(
+            "returned by the broker ({} {})",
+            r.reply_code,
+            r.reply_text.as_str()
+        )
+    }
+}

@@ -458,22 +458,10 @@ pub(crate) fn return_reason(r: &BasicReturnMessage) -> (String, String) {
         .as_ref()
         .map(|s| s.as_str().to_owned())
         .unwrap_or_default();
-    let why = if r.reply_code == errors::NO_ROUTE {
-        format!(
-            "returned as unroutable ({} {}): no queue is bound to exchange '{}' with a key \
-             matching '{}' (--allow-unroutable accepts such messages)",
-            r.reply_code,
-            r.reply_text.as_str(),
-            r.delivery.exchange.as_str(),
-            r.delivery.routing_key.as_str()
-        )
-    } else {
-        format!(
-            "returned by the broker ({} {})",
-            r.reply_code,
-            r.reply_text.as_str()
-        )
-    };
+    let mut why = errors::returned(r);
+    if r.reply_code == errors::NO_ROUTE {
+        why.push_str(" (--allow-unroutable accepts such messages)");
+    }
     (id, why)
 }
 
