@@ -19,6 +19,7 @@ mod publish;
 mod python;
 mod record;
 mod resilience;
+mod rpc;
 mod smoke;
 mod spool;
 mod tls;

@@ -145,6 +145,10 @@ fn the_header_and_the_rust_mirror_agree_on_every_size_and_offset() {
         rust!(fm_message.json),
         rust!(fm_message.severity),
         rust!(fm_message.priority),
+        rust!(fm_message.reply_to),
+        rust!(fm_message.correlation_id),
+        rust!(fm_message.reply_ctx),
+        rust!(fm_message.reply),
         rust!(fm_halt),
         rust!(fm_halt.struct_size),
         rust!(fm_halt.exit_code),
@@ -164,6 +168,9 @@ fn the_header_and_the_rust_mirror_agree_on_every_size_and_offset() {
         rust!(const FM_ABI_MINOR),
         rust!(const FM_PLUGIN_THREAD_SAFE),
         rust!(const FM_MSG_REDELIVERED),
+        rust!(const FM_MSG_RAW_BODY),
+        rust!(const FM_REPLY_OK),
+        rust!(const FM_REPLY_NO_REPLY_TO),
         rust!(const FM_ACK),
         rust!(const FM_NACK),
         rust!(const FM_DROP),
@@ -176,6 +183,73 @@ fn the_header_and_the_rust_mirror_agree_on_every_size_and_offset() {
         rust!(const FM_LOG_TRACE),
     ];
     assert_eq!(c, rust);
+}
+
+/// Issue 13: ABI 1.1 appended fields to fm_message. A plugin built against the 1.0 header (a
+/// copy is kept in tests/fixtures/plugins) loads and answers every message exactly as the same
+/// source built against 1.1 does, requests included.
+#[test]
+fn a_plugin_built_against_abi_1_0_loads_and_behaves_as_before() {
+    let header_1_0 = fixture("fm_plugin_1_0.h");
+    let text = std::fs::read_to_string(&header_1_0).unwrap();
+    assert!(text.contains("#define FM_ABI_MINOR 0") && !text.contains("reply"));
+    let old = Plugin::load(
+        &c_plugin("roundtrip", &["-include", header_1_0.to_str().unwrap()]),
+        r#"{"k": 1}"#,
+    )
+    .unwrap();
+    let new = Plugin::load(&c_plugin("roundtrip", &[]), r#"{"k": 1}"#).unwrap();
+    let topics = [
+        "ack",
+        "nack",
+        "drop",
+        "halt",
+        "halt-plain",
+        "echo",
+        "config",
+        "log",
+        "fail",
+        "unterminated",
+    ];
+    for topic in topics {
+        for mut msg in [received(topic), bare(topic)] {
+            msg.reply_to = Some("amq.rabbitmq.reply-to.abc".into());
+            msg.correlation_id = Some("c-1".into());
+            assert_eq!(old.handle(&msg), new.handle(&msg), "topic {topic}");
+        }
+    }
+    // Only the 1.1 build knows what a reply is.
+    let mut request = received("reply");
+    request.reply_to = Some("amq.rabbitmq.reply-to.abc".into());
+    assert!(
+        matches!(old.handle(&request), Outcome::Fail(e) if e.contains("unexpected topic reply"))
+    );
+    assert!(matches!(new.handle(&request), Outcome::Reply(_)));
+}
+
+/// ABI 1.1: a reply given during handle() comes back as Outcome::Reply; a message without
+/// reply_to refuses it (FM_REPLY_NO_REPLY_TO); a raw body is flagged, with an empty json.
+#[test]
+fn a_plugin_replies_to_a_request_through_fm_message_reply() {
+    let plugin = Plugin::load(&c_plugin("roundtrip", &[]), "{}").unwrap();
+    let mut request = received("reply");
+    request.reply_to = Some("amq.rabbitmq.reply-to.abc".into());
+    request.correlation_id = Some("c-1".into());
+    let json_len = request.record.len();
+    assert_eq!(
+        plugin.handle(&request),
+        Outcome::Reply(
+            format!("to=amq.rabbitmq.reply-to.abc|correlation=c-1|raw=0|json={json_len}")
+                .into_bytes()
+        )
+    );
+    assert_eq!(plugin.handle(&received("reply")), Outcome::Drop);
+    request.raw = true;
+    request.correlation_id = None;
+    assert_eq!(
+        plugin.handle(&request),
+        Outcome::Reply(b"to=amq.rabbitmq.reply-to.abc|correlation=|raw=1|json=0".to_vec())
+    );
 }
 
 #[test]

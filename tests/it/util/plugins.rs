@@ -37,12 +37,17 @@ pub fn build_c_plugin_with(src: &Path, cflags: &[&str]) -> PathBuf {
 }
 
 /// Compiles C source `src` with fm's header on the include path, every warning an error and
-/// `cflags` (a program unless they say `-shared`); cached like [`build_c_plugin`].
+/// `cflags` (a program unless they say `-shared`); cached like [`build_c_plugin`], by the
+/// source, the flags and the header (a plugin built against an older header is not reused).
 pub fn build_c(src: &Path, cflags: &[&str]) -> PathBuf {
     use std::hash::{Hash as _, Hasher as _};
-    let code = std::fs::read(src).unwrap_or_else(|e| panic!("reading {}: {e}", src.display()));
+    let read = |path: &Path| {
+        std::fs::read(path).unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+    };
+    let code = read(src);
+    let header = read(&repo_root().join("include/fm_plugin.h"));
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    (&code, cflags).hash(&mut hasher);
+    (&code, cflags, &header).hash(&mut hasher);
     let stem = src.file_stem().and_then(OsStr::to_str).unwrap_or("plugin");
     let dir = fm_bin()
         .parent()
