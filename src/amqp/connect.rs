@@ -49,8 +49,9 @@ pub struct Connector {
 
 /// A live connection and the (redacted) URL it was made to.
 pub struct Connected {
-    /// The AMQP connection.
-    pub connection: Connection,
+    /// The AMQP connection; shared, so that what outlives a borrow of it (the reply side of a
+    /// consume session, `consume/reply.rs`) can open channels on it.
+    pub connection: Arc<Connection>,
     /// Which broker: the URL with its password hidden.
     pub url: String,
     /// The virtual host, for messages.
@@ -189,7 +190,7 @@ impl Connector {
                     Ok(connection) => {
                         tracing::info!(broker = %url.redacted, "connected");
                         return Ok(Connected {
-                            connection,
+                            connection: Arc::new(connection),
                             url: url.redacted.clone(),
                             vhost: url.uri.vhost.clone(),
                         });

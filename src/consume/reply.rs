@@ -8,17 +8,27 @@
 //! acked ([`super::delivery`]). So a crash between the two can send a reply twice (the
 //! request comes again), never lose the request: at-least-once, like every delivery.
 //!
-//! A reply nobody can receive any more (the client left: its direct reply-to pseudo-queue is
-//! gone, so the broker returns the reply as unroutable) is logged once, and the request is
-//! still acked: answering it again would not reach anyone either. A reply the broker refuses
-//! (a nack) or that cannot be sent (the channel is gone) is an error: the request goes back to
-//! the queue, to be answered again.
+//! A reply nobody can receive any more (the client left) is logged once per client, and the
+//! request is still acked: answering it again would not reach anyone either. For a reply
+//! queue of the classic kind, the broker returning the reply as unroutable says so. For a
+//! direct reply-to name (`amq.rabbitmq.reply-to.…`) it does not: RabbitMQ returns every
+//! mandatory publish to such a name, delivered or not (the "not a queue" caveat of its direct
+//! reply-to guide, seen with 3.10), and a client that got its reply may leave before any check
+//! after it. So fm asks the broker *before* publishing, as that guide advises: a passive
+//! declare of the name on a channel of its own (404: the client is gone, nothing is sent), at
+//! most once a second per name ([`PROBE_EVERY`]), which is one extra round trip per client and
+//! second. A reply the broker refuses (a nack) or that cannot be sent (the channel is gone) is
+//! an error: the request goes back to the queue, to be answered again.
 //!
 //! [`Outcome::Reply`]: crate::callback::Outcome::Reply
 
-use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::types::ShortString;
-use lapin::{BasicProperties, Channel, Confirmation};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions, QueueDeclareOptions};
+use lapin::types::{FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, Connection};
 
 use crate::amqp::errors;
 use crate::message::Received;
@@ -26,20 +36,50 @@ use crate::message::Received;
 /// The content type of a reply that is JSON; other replies have none ("sent as given").
 const JSON: &str = "application/json";
 
+/// The prefix of RabbitMQ's direct reply-to names.
+const DIRECT_REPLY_TO: &str = "amq.rabbitmq.reply-to.";
+
+/// How long a direct reply-to client found present is taken to still be there: the most
+/// often fm asks the broker about one client.
+pub const PROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// The most client names remembered (present or gone); past it the oldest knowledge goes.
+const REMEMBERED: usize = 4096;
+
 /// The session's reply channel, in confirm mode.
 pub(super) struct Replier {
     channel: Channel,
+    clients: Clients,
+}
+
+/// What fm knows of the direct reply-to clients it answered.
+struct Clients {
+    conn: Arc<Connection>,
+    /// The channel probes are made on, while it lives (a 404 closes it).
+    probes: tokio::sync::Mutex<Option<Channel>>,
+    /// Name → when it was last found present.
+    present: Mutex<HashMap<String, Instant>>,
+    /// Names found gone (each logged once).
+    gone: Mutex<HashSet<String>>,
 }
 
 impl Replier {
     /// Open the reply channel on `conn`.
-    pub(super) async fn open(conn: &lapin::Connection) -> anyhow::Result<Replier> {
+    pub(super) async fn open(conn: &Arc<Connection>) -> anyhow::Result<Replier> {
         let channel = conn.create_channel().await.map_err(errors::describe)?;
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await
             .map_err(errors::describe)?;
-        Ok(Replier { channel })
+        Ok(Replier {
+            channel,
+            clients: Clients {
+                conn: Arc::clone(conn),
+                probes: tokio::sync::Mutex::new(None),
+                present: Mutex::new(HashMap::new()),
+                gone: Mutex::new(HashSet::new()),
+            },
+        })
     }
 
     /// Publish `body` as the reply to `request` (which has a `reply_to`) and wait for the
@@ -49,6 +89,10 @@ impl Replier {
         let to = request.reply_to.as_deref().unwrap_or_default();
         let routing_key = ShortString::try_new(to)
             .map_err(|_| anyhow::anyhow!("its reply_to is longer than 255 bytes"))?;
+        let direct = to.starts_with(DIRECT_REPLY_TO);
+        if direct && self.clients.gone(to, request).await {
+            return Ok(());
+        }
         let confirm = self
             .channel
             .basic_publish(
@@ -65,21 +109,20 @@ impl Replier {
             .map_err(errors::describe)?;
         match confirm.await.map_err(errors::describe)? {
             // lapin hands a return to whichever confirm completes next, which may be another
-            // reply's: the log line names the returned reply by its own routing key and
-            // correlation id, so each unroutable reply is logged once, by whoever sees it.
+            // reply's: the returned reply is named by its own routing key and correlation id.
             Confirmation::Ack(returned) => {
-                if let Some(r) = returned {
-                    let props = &r.delivery.properties;
-                    tracing::warn!(
-                        "the reply to {:?} (correlation id {}) could not be delivered ({} {}): \
-                         the client is gone; the request is acked all the same",
+                // A return to a direct reply-to name says nothing (see the module docs).
+                if let Some(r) = returned
+                    && !r.delivery.routing_key.as_str().starts_with(DIRECT_REPLY_TO)
+                {
+                    self.clients.log_gone(
                         r.delivery.routing_key.as_str(),
-                        props
+                        r.delivery
+                            .properties
                             .correlation_id()
                             .as_ref()
-                            .map_or("<none>".into(), |c| format!("{:?}", c.as_str())),
-                        r.reply_code,
-                        r.reply_text.as_str(),
+                            .map(|c| c.as_str()),
+                        &format!("{} {}", r.reply_code, r.reply_text.as_str()),
                     );
                 }
                 Ok(())
@@ -97,15 +140,103 @@ impl Replier {
     }
 }
 
+impl Clients {
+    /// Whether direct reply-to client `name` is gone (logged once): known present within
+    /// [`PROBE_EVERY`], else asked. When the broker cannot be asked, the reply is sent.
+    async fn gone(&self, name: &str, request: &Received) -> bool {
+        if self.lock_gone().contains(name) {
+            return true;
+        }
+        let known = self
+            .lock_present()
+            .get(name)
+            .is_some_and(|at| at.elapsed() < PROBE_EVERY);
+        if known {
+            return false;
+        }
+        match self.probe(name).await {
+            Some(true) => {
+                self.log_gone(name, correlation_id(request), "404 NOT_FOUND");
+                true
+            }
+            Some(false) => {
+                let mut present = self.lock_present();
+                if present.len() >= REMEMBERED {
+                    present.retain(|_, at| at.elapsed() < PROBE_EVERY);
+                }
+                present.insert(name.to_owned(), Instant::now());
+                false
+            }
+            None => false,
+        }
+    }
+
+    /// Ask the broker whether direct reply-to client `name` is still there: a passive declare
+    /// succeeds while it consumes, and fails with 404 (closing the channel) once it is gone.
+    /// `None` when the question could not be asked.
+    async fn probe(&self, name: &str) -> Option<bool> {
+        let mut probes = self.probes.lock().await;
+        let channel = match probes.take() {
+            Some(c) if c.status().connected() => c,
+            _ => self.conn.create_channel().await.ok()?,
+        };
+        let declared = channel
+            .queue_declare(
+                name.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        match declared {
+            Ok(_) => {
+                *probes = Some(channel);
+                Some(false)
+            }
+            Err(err) => Some(errors::reply_code(&errors::describe(err)) == Some(errors::NOT_FOUND)),
+        }
+    }
+
+    /// Log, once per client, that a reply cannot be delivered.
+    fn log_gone(&self, name: &str, correlation_id: Option<&str>, why: &str) {
+        let mut gone = self.lock_gone();
+        if gone.len() >= REMEMBERED {
+            gone.clear();
+        }
+        if !gone.insert(name.to_owned()) {
+            return;
+        }
+        tracing::warn!(
+            "the reply to {name:?} (correlation id {}) cannot be delivered ({why}): the client \
+             is gone; its request is acked all the same (logged once per client)",
+            correlation_id.map_or("<none>".into(), |c| format!("{c:?}")),
+        );
+    }
+
+    fn lock_present(&self) -> std::sync::MutexGuard<'_, HashMap<String, Instant>> {
+        self.present.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn lock_gone(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.gone.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// The correlation id a reply to `request` carries: its own, or else its message id.
+fn correlation_id(request: &Received) -> Option<&str> {
+    request
+        .correlation_id
+        .as_deref()
+        .or(request.message.id.as_deref())
+}
+
 /// The properties of the reply to `request`: its correlation id (its message id when it has
 /// none), and `application/json` in UTF-8 only when the reply is JSON.
 fn properties(request: &Received, body: &[u8]) -> BasicProperties {
     let mut props = BasicProperties::default();
-    let correlation = request
-        .correlation_id
-        .as_deref()
-        .or(request.message.id.as_deref());
-    if let Some(id) = correlation.and_then(|c| ShortString::try_new(c).ok()) {
+    if let Some(id) = correlation_id(request).and_then(|c| ShortString::try_new(c).ok()) {
         props = props.with_correlation_id(id);
     }
     if is_json(body) {

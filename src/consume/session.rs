@@ -49,7 +49,7 @@ pub(super) async fn run(
         }
     }
     // Replies to requests go out on a channel of their own, in confirm mode (reply.rs).
-    let replier = match Replier::open(conn).await {
+    let replier = match Replier::open(&connected.connection).await {
         Ok(r) => Arc::new(r),
         Err(err) => return classify(err),
     };

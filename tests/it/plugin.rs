@@ -194,7 +194,16 @@ fn a_plugin_built_against_abi_1_0_loads_and_behaves_as_before() {
     let text = std::fs::read_to_string(&header_1_0).unwrap();
     assert!(text.contains("#define FM_ABI_MINOR 0") && !text.contains("reply"));
     let old = Plugin::load(
-        &c_plugin("roundtrip", &["-include", header_1_0.to_str().unwrap()]),
+        // -include reads the 1.0 header first, so the source's own #include is a no-op (same
+        // include guard); it also fixes the feature macros the source would define.
+        &c_plugin(
+            "roundtrip",
+            &[
+                "-D_POSIX_C_SOURCE=200809L",
+                "-include",
+                header_1_0.to_str().unwrap(),
+            ],
+        ),
         r#"{"k": 1}"#,
     )
     .unwrap();
@@ -277,7 +286,8 @@ fn a_table_smaller_than_this_abi_is_refused() {
         (
             format!(
                 "plugin {shown} is not usable: its fm_plugin table says struct_size = 16, \
-                 but ABI 1.0 needs at least {full} bytes; {REBUILD}"
+                 but ABI 1.{} needs at least {full} bytes; {REBUILD}",
+                abi::FM_ABI_MINOR
             ),
             code::FAILURE
         )
