@@ -33,6 +33,10 @@
 //!
 //! Build it as a `cdylib` and point fm's `callback` at the resulting `.so`.
 //!
+//! A message may be a request (RPC, ABI 1.1): [`Message::reply_to`] names where the answer
+//! goes, and answering [`Outcome::Reply`] with a body makes fm publish it there, with the
+//! request's correlation id, before it acks the request. `plugins/attrs` is an example.
+//!
 //! This crate deliberately has no dependencies (not even on fm): parse the JSON you are given
 //! with whatever you like.
 
