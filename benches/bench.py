@@ -392,6 +392,122 @@ def spool_runs(url, n_fast, rounds):
     print(text)
 
 
+def rpc_runs(url, venv, n_fast, rounds):
+    """Issue 13: request/reply. `fm call` asks the attribute store of plugins/attrs served by
+    `fm consume`, and the same store served by a pika RPC server written as RabbitMQ's tutorial
+    writes one (benches/python/attrs_rpc_server.py), in the same run: round-trip latency (one
+    request at a time on one connection, p50 and p99 of the `ms` fm call reports per reply)
+    and pipelined throughput (N requests, 100 in flight, the wall time of `fm call FILE`)."""
+    queue_fm, queue_py = "fm-rpc-bench", "pika-rpc-bench"
+    conf = write_config("fm-rpc", f"""amqp_url = "{url}"
+
+[client_properties]
+app = "fm rpc bench"
+
+[queues.{queue_fm}]
+durable = false
+auto_delete = false
+exclusive = false
+arguments = {{}}
+
+[qos]
+prefetch_size = 0
+prefetch_count = 100
+
+[callback]
+plugin = "{os.path.join(RELEASE, "libfm_attrs.so")}"
+concurrency = 16
+
+[consumer_config]
+attrs = {{k = "a value"}}
+""")
+    client = write_config("rpc-client", f'amqp_url = "{url}"\n')
+    requests = os.path.join(OUT, "rpc-requests.txt")
+    with open(requests, "w") as f:
+        for i in range(n_fast):
+            if i % 10 == 0:
+                f.write(json.dumps({"op": "set", "key": f"k{i % 100}", "value": i}) + "\n")
+            else:
+                f.write(json.dumps({"op": "get", "key": f"k{i % 100}"}) + "\n")
+    n_lat = min(2000, n_fast)
+    latency_file = os.path.join(OUT, "rpc-latency.txt")
+    with open(requests) as f, open(latency_file, "w") as g:
+        g.writelines(f.readlines()[:n_lat])
+
+    def serve(name):
+        if name == "fm":
+            proc = spawn([FM, "--config", conf, "consume"], logname="rpc-fm")
+        else:
+            proc = subprocess.Popen(
+                [os.path.join(venv, "bin", "python"),
+                 os.path.join(ROOT, "benches", "python", "attrs_rpc_server.py"),
+                 url, queue_py, "100"],
+                stdout=subprocess.PIPE, stderr=open(os.path.join(OUT, "logs", "rpc-pika.log"), "w"),
+                start_new_session=True, text=True)
+        # Ready once a request is answered.
+        deadline = time.time() + 60
+        while subprocess.run([FM, "-q", "--config", client, "call", "--exchange", "",
+                              "--routing-key", queue_fm if name == "fm" else queue_py,
+                              "--body", '{"op": "get", "key": "k"}', "--timeout", "1"],
+                             capture_output=True).returncode != 0:
+            if time.time() > deadline or proc.poll() is not None:
+                raise RuntimeError(f"rpc server {name} did not answer")
+        return proc
+
+    def call(queue, path, in_flight):
+        t0 = time.perf_counter()
+        out = subprocess.run([FM, "-q", "--config", client, "call", path, "--exchange", "",
+                              "--routing-key", queue, "--in-flight", str(in_flight),
+                              "--timeout", "60"], capture_output=True, text=True, timeout=900)
+        secs = time.perf_counter() - t0
+        lines = out.stdout.splitlines()
+        if out.returncode != 0 or len(lines) != sum(1 for _ in open(path)):
+            raise RuntimeError(f"fm call exited {out.returncode} with {len(lines)} replies: "
+                               f"{out.stderr[-500:]}")
+        return secs, [json.loads(line)["ms"] for line in lines]
+
+    rows = {name: {"latency": [], "rate": []} for name in ("fm", "pika")}
+    for r in range(rounds):
+        for name, queue in (("fm", queue_fm), ("pika", queue_py)):
+            proc = serve(name)
+            try:
+                _, ms = call(queue, latency_file, 1)
+                rows[name]["latency"].extend(ms)
+                secs, _ = call(queue, requests, 100)
+                rows[name]["rate"].append(n_fast / secs)
+            finally:
+                stop(proc, signal.SIGTERM if name == "fm" else signal.SIGKILL)
+            lat = sorted(rows[name]["latency"])
+            log(f"round {r + 1}: {name:<5} p50 {statistics.median(lat):.3f} ms, "
+                f"{n_fast / secs:,.0f} calls/s")
+
+    def pct(name, q):
+        lat = sorted(rows[name]["latency"])
+        return lat[min(len(lat) - 1, int(len(lat) * q))]
+
+    fm_rate, py_rate = med(rows["fm"]["rate"]), med(rows["pika"]["rate"])
+    text = "\n".join([
+        "### Request/reply (issue 13)", "",
+        f"fm call against the attribute store (plugins/attrs, fm consume, concurrency 16) and "
+        f"the same store as a pika RPC server (tutorial style, prefetch 100), same run, "
+        f"{rounds} round(s); latency: {n_lat:,} requests one at a time on one connection; "
+        f"throughput: {n_fast:,} requests (1 in 10 a set), 100 in flight.", "",
+        "| measure | fm consume (attrs plugin) | pika RPC server | fm ÷ pika |",
+        "|---|---:|---:|---:|",
+        f"| round trip p50 | {pct('fm', 0.5):.3f} ms | {pct('pika', 0.5):.3f} ms | "
+        f"{pct('pika', 0.5) / pct('fm', 0.5):.1f}× faster |",
+        f"| round trip p99 | {pct('fm', 0.99):.3f} ms | {pct('pika', 0.99):.3f} ms | "
+        f"{pct('pika', 0.99) / pct('fm', 0.99):.1f}× faster |",
+        f"| pipelined throughput | {fm_rate:,.0f} calls/s | {py_rate:,.0f} calls/s | "
+        f"{fm_rate / py_rate:.1f}× |",
+        f"| targets: p50 < 1 ms, throughput ≥ 10× pika | "
+        f"{'yes' if pct('fm', 0.5) < 1 else '**no**'} | | "
+        f"{'yes' if fm_rate >= 10 * py_rate else '**no**'} |", ""])
+    with open(os.path.join(OUT, "rpc.md"), "w") as f:
+        f.write(text)
+    print(text)
+
+
 def ready_run(url, argv, env=None, timeout=30):
     """Spawn fm with NOTIFY_SOCKET; the time to READY=1, and VmHWM after a second idle."""
     with tempfile.TemporaryDirectory() as d:
@@ -612,6 +728,11 @@ def main():
     only = set(filter(None, args.only.split(",")))
     started = time.time()
     info = machine()
+
+    if only & {"rpc"}:
+        phase("request/reply")
+        rpc_runs(args.url, args.venv, args.fast, args.rounds)
+        return
 
     cases = consume_cases(args.url, args.fast, args.mid, args.slow, args.venv)
     consume = {}

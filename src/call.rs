@@ -213,7 +213,16 @@ impl Failure {
     }
 }
 
-/// What woke the loop of [`Calls::run`].
+/// A reply, matched to its request.
+struct Answer {
+    line: usize,
+    correlation_id: String,
+    /// From just before the request was published to the reply's arrival.
+    round_trip: Duration,
+    body: Vec<u8>,
+}
+
+/// What woke the loop of [`Calls::next`].
 enum Event {
     Reply(Option<lapin::Result<lapin::message::Delivery>>),
     Confirm(String, lapin::Result<Confirmation>),
@@ -227,8 +236,8 @@ struct Calls {
     exchange: ShortString,
     routing_key: ShortString,
     timeout: Duration,
-    /// Correlation id → line of the requests waiting for their reply.
-    waiting: HashMap<String, usize>,
+    /// Correlation id → line, and when it was sent, of the requests waiting for their reply.
+    waiting: HashMap<String, (usize, Instant)>,
     /// When each request times out, in the order sent (every request has the same timeout).
     deadlines: VecDeque<(Instant, String)>,
     confirms: (
@@ -255,6 +264,7 @@ impl Calls {
 
     /// Publish one request (mandatory); its confirm comes back as an [`Event::Confirm`].
     async fn send(&mut self, request: Request) {
+        let started = Instant::now();
         let sent = self
             .channel
             .basic_publish(
@@ -276,7 +286,7 @@ impl Calls {
                     let _ = tx.send((id, confirm.await));
                 });
                 self.waiting
-                    .insert(request.correlation_id.clone(), request.line);
+                    .insert(request.correlation_id.clone(), (request.line, started));
                 self.deadlines
                     .push_back((limits::deadline_in(self.timeout), request.correlation_id));
             }
@@ -290,7 +300,7 @@ impl Calls {
 
     /// Give up on the request with `correlation_id`, if it is still waiting.
     fn fail(&mut self, correlation_id: &str, failure: Failure, why: String) {
-        if let Some(line) = self.waiting.remove(correlation_id) {
+        if let Some((line, _)) = self.waiting.remove(correlation_id) {
             self.failed.push((line, failure, why));
         }
     }
@@ -377,7 +387,7 @@ impl Calls {
     }
 
     /// Handle a reply: the request it answers, and its body; `None` for one nobody waits for.
-    fn on_reply(&mut self, delivery: lapin::message::Delivery) -> Option<(usize, String, Vec<u8>)> {
+    fn on_reply(&mut self, delivery: lapin::message::Delivery) -> Option<Answer> {
         let id = delivery
             .properties
             .correlation_id()
@@ -385,7 +395,12 @@ impl Calls {
             .map(|c| c.as_str().to_owned())
             .unwrap_or_default();
         match self.waiting.remove(&id) {
-            Some(line) => Some((line, id, delivery.data)),
+            Some((line, sent)) => Some(Answer {
+                line,
+                correlation_id: id,
+                round_trip: sent.elapsed(),
+                body: delivery.data,
+            }),
             None => {
                 tracing::debug!(
                     "a reply with correlation id {id:?} answers no request waiting: ignored"
@@ -425,7 +440,7 @@ async fn one(
         }
     }
     close(&connected).await;
-    if let Some((_, _, body)) = answer {
+    if let Some(Answer { body, .. }) = answer {
         let mut out = std::io::stdout().lock();
         out.write_all(&body)
             .and_then(|()| out.write_all(b"\n"))
@@ -467,9 +482,9 @@ async fn many(
         let event = calls.next(&mut replies, room.then_some(&mut input)).await;
         match event {
             Event::Reply(Some(Ok(delivery))) => {
-                if let Some((line, id, body)) = calls.on_reply(delivery) {
+                if let Some(answer) = calls.on_reply(delivery) {
                     answered += 1;
-                    writeln!(out, "{}", reply_line(line, &id, &body))
+                    writeln!(out, "{}", reply_line(&answer))
                         .context("writing a reply to standard output")?;
                     if calls.waiting.is_empty() {
                         out.flush().context("writing to standard output")?;
@@ -499,17 +514,25 @@ async fn many(
 }
 
 /// One reply as the JSON line `fm call FILE` prints: the request's line and correlation id,
-/// and the reply as `"reply"` (a JSON value) when it is JSON, else as `"reply_text"` (its
-/// text, invalid UTF-8 replaced).
-fn reply_line(line: usize, correlation_id: &str, body: &[u8]) -> String {
+/// the round trip in milliseconds, and the reply as `"reply"` (a JSON value) when it is JSON,
+/// else as `"reply_text"` (its text, invalid UTF-8 replaced).
+fn reply_line(answer: &Answer) -> String {
     let mut obj = Map::new();
-    obj.insert("line".into(), Value::from(line));
-    obj.insert("correlation_id".into(), Value::from(correlation_id));
-    match serde_json::from_slice::<Value>(body) {
+    obj.insert("line".into(), Value::from(answer.line));
+    obj.insert(
+        "correlation_id".into(),
+        Value::from(answer.correlation_id.as_str()),
+    );
+    // Microseconds, as milliseconds with three decimals.
+    let micros = u64::try_from(answer.round_trip.as_micros()).unwrap_or(u64::MAX);
+    let ms =
+        serde_json::Number::from_f64(micros as f64 / 1000.0).map_or(Value::Null, Value::Number);
+    obj.insert("ms".into(), ms);
+    match serde_json::from_slice::<Value>(&answer.body) {
         Ok(value) => obj.insert("reply".into(), value),
         Err(_) => obj.insert(
             "reply_text".into(),
-            Value::from(String::from_utf8_lossy(body).into_owned()),
+            Value::from(String::from_utf8_lossy(&answer.body).into_owned()),
         ),
     };
     Value::Object(obj).to_string()
@@ -638,13 +661,19 @@ mod tests {
 
     #[test]
     fn reply_lines_hold_json_as_json_and_the_rest_as_text() {
+        let answer = |body: &[u8]| Answer {
+            line: 2,
+            correlation_id: "c".into(),
+            round_trip: Duration::from_micros(1250),
+            body: body.to_vec(),
+        };
         assert_eq!(
-            reply_line(2, "c", br#"{"value": [1, 2]}"#),
-            r#"{"line":2,"correlation_id":"c","reply":{"value":[1,2]}}"#
+            reply_line(&answer(br#"{"value": [1, 2]}"#)),
+            r#"{"line":2,"correlation_id":"c","ms":1.25,"reply":{"value":[1,2]}}"#
         );
         assert_eq!(
-            reply_line(1, "c", b"Polo"),
-            r#"{"line":1,"correlation_id":"c","reply_text":"Polo"}"#
+            reply_line(&answer(b"Polo")),
+            r#"{"line":2,"correlation_id":"c","ms":1.25,"reply_text":"Polo"}"#
         );
     }
 
