@@ -226,9 +226,14 @@ struct Answer {
 enum Event {
     Reply(Option<lapin::Result<lapin::message::Delivery>>),
     Confirm(String, lapin::Result<Confirmation>),
-    Input(Option<Result<(usize, Vec<u8>), String>>),
+    Input(Option<Line>),
     Deadline,
 }
+
+/// A request's confirm, by correlation id.
+type Confirmed = (String, lapin::Result<Confirmation>);
+/// A line of FILE (its number and bytes), or why reading failed.
+type Line = Result<(usize, Vec<u8>), String>;
 
 /// Requests in flight on one channel, and what became of them.
 struct Calls {
@@ -241,8 +246,8 @@ struct Calls {
     /// When each request times out, in the order sent (every request has the same timeout).
     deadlines: VecDeque<(Instant, String)>,
     confirms: (
-        mpsc::UnboundedSender<(String, lapin::Result<Confirmation>)>,
-        mpsc::UnboundedReceiver<(String, lapin::Result<Confirmation>)>,
+        mpsc::UnboundedSender<Confirmed>,
+        mpsc::UnboundedReceiver<Confirmed>,
     ),
     /// (line, why) of every request not answered.
     failed: Vec<(usize, Failure, String)>,
@@ -362,7 +367,7 @@ impl Calls {
     async fn next(
         &mut self,
         replies: &mut Consumer,
-        input: Option<&mut mpsc::Receiver<Result<(usize, Vec<u8>), String>>>,
+        input: Option<&mut mpsc::Receiver<Line>>,
     ) -> Event {
         let deadline = self.next_deadline();
         let sleep = async {
@@ -573,9 +578,7 @@ fn report(
 
 /// The lines of FILE ("-": standard input), numbered from 1, read by a task of their own;
 /// blank lines are skipped. A read error ends the input.
-async fn read_lines(
-    file: &std::path::Path,
-) -> anyhow::Result<mpsc::Receiver<Result<(usize, Vec<u8>), String>>> {
+async fn read_lines(file: &std::path::Path) -> anyhow::Result<mpsc::Receiver<Line>> {
     let reader: Box<dyn tokio::io::AsyncRead + Send + Unpin> =
         if file.as_os_str() == "-" {
             Box::new(tokio::io::stdin())

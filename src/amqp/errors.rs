@@ -73,25 +73,6 @@ pub fn describe(err: lapin::Error) -> anyhow::Error {
     anyhow::Error::new(err).context(text)
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
-
-    #[test]
-    fn reply_codes_are_found_through_context() {
-        let amqp = AMQPError::new(
-            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
-            "ACCESS_REFUSED - no access to vhost".into(),
-        );
-        let err = describe(lapin::Error::from(ErrorKind::ProtocolError(amqp)))
-            .context("declaring queue 'q'");
-        assert_eq!(reply_code(&err), Some(ACCESS_REFUSED));
-        assert!(is_access_refused(&err));
-        assert!(format!("{err:#}").contains("the broker said 403"));
-    }
-}
-
 /// Why the broker returned a message published `mandatory`, in words: for `NO_ROUTE`, which
 /// exchange and key found no queue.
 pub fn returned(r: &lapin::message::BasicReturnMessage) -> String {
@@ -110,5 +91,24 @@ pub fn returned(r: &lapin::message::BasicReturnMessage) -> String {
             r.reply_code,
             r.reply_text.as_str()
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lapin::protocol::{AMQPError, AMQPErrorKind, AMQPSoftError};
+
+    #[test]
+    fn reply_codes_are_found_through_context() {
+        let amqp = AMQPError::new(
+            AMQPErrorKind::Soft(AMQPSoftError::ACCESSREFUSED),
+            "ACCESS_REFUSED - no access to vhost".into(),
+        );
+        let err = describe(lapin::Error::from(ErrorKind::ProtocolError(amqp)))
+            .context("declaring queue 'q'");
+        assert_eq!(reply_code(&err), Some(ACCESS_REFUSED));
+        assert!(is_access_refused(&err));
+        assert!(format!("{err:#}").contains("the broker said 403"));
     }
 }

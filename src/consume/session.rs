@@ -71,10 +71,12 @@ pub(super) async fn run(
                 channel.clone(),
                 Arc::from(queue.name.as_str()),
                 Arc::clone(ctx),
-                Arc::clone(permits),
-                stop.clone(),
-                tracker.clone(),
                 Arc::clone(&replier),
+                Shared {
+                    permits: Arc::clone(permits),
+                    stop: stop.clone(),
+                    tracker: tracker.clone(),
+                },
             )
         };
         if matches!(ctx.handler.dispatch(), Dispatch::Thread(_)) {
@@ -245,16 +247,29 @@ async fn on_own_thread(
     }
 }
 
+/// What every consume loop of a session shares.
+struct Shared {
+    /// The concurrency slots.
+    permits: Arc<Semaphore>,
+    /// Ends the loops.
+    stop: CancellationToken,
+    /// The messages in flight, for the drain.
+    tracker: TaskTracker,
+}
+
 async fn consume_loop(
     mut consumer: Consumer,
     channel: Channel,
     queue: Arc<str>,
     ctx: Arc<Context>,
-    permits: Arc<Semaphore>,
-    stop: CancellationToken,
-    tracker: TaskTracker,
     replier: Arc<Replier>,
+    shared: Shared,
 ) -> End {
+    let Shared {
+        permits,
+        stop,
+        tracker,
+    } = shared;
     // On a thread of its own (`on_own_thread`), the loop handles each delivery itself.
     let dispatch = ctx.handler.dispatch();
     let own_thread = matches!(dispatch, Dispatch::Thread(_));
