@@ -56,16 +56,7 @@ const SHOWN: usize = 20;
 
 /// `fm call`: send the requests, print the replies, exit as the module docs say.
 pub async fn run(config: &Config, args: &CallArgs) -> anyhow::Result<u8> {
-    let exchange = args
-        .exchange
-        .clone()
-        .unwrap_or_else(|| config.publish_exchange.clone());
-    let exchange = ShortString::try_new(exchange.as_str()).map_err(|_| {
-        Exit::new(
-            code::USAGE,
-            anyhow!("the exchange name is longer than 255 bytes: {exchange:.40}…"),
-        )
-    })?;
+    let exchange = crate::publish::exchange(config, args.exchange.as_deref())?;
     let routing_key = ShortString::try_new(args.routing_key.as_str()).map_err(|_| {
         Exit::new(
             code::USAGE,

@@ -210,18 +210,21 @@ impl Publisher {
     }
 }
 
-/// `fm publish`: publish what the arguments say, wait for every confirm, report.
-pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<u8> {
-    let exchange = args
-        .exchange
-        .clone()
-        .unwrap_or_else(|| config.publish_exchange.clone());
-    let exchange = ShortString::try_new(exchange.as_str()).map_err(|_| {
+/// The exchange to publish to: `given` on the command line, else the configuration's
+/// `publish_exchange`; a name AMQP cannot carry is bad usage (exit 2).
+pub(crate) fn exchange(config: &Config, given: Option<&str>) -> anyhow::Result<ShortString> {
+    let exchange = given.unwrap_or(&config.publish_exchange);
+    ShortString::try_new(exchange).map_err(|_| {
         Exit::new(
             code::USAGE,
             anyhow!("the exchange name is longer than 255 bytes: {exchange:.40}…"),
         )
-    })?;
+    })
+}
+
+/// `fm publish`: publish what the arguments say, wait for every confirm, report.
+pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<u8> {
+    let exchange = exchange(config, args.exchange.as_deref())?;
     if let Some(dir) = &args.spool {
         let dir = dir
             .clone()

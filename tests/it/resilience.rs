@@ -339,17 +339,7 @@ async fn a_message_whose_ack_is_lost_is_not_reported_consumed() {
         }
     })
     .await;
-    let listed = b
-        .rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"])
-        .await;
-    let pid = listed
-        .lines()
-        .find(|l| l.contains(&app))
-        .and_then(|l| l.split('\t').next())
-        .unwrap_or_else(|| panic!("fm's connection is not listed:\n{listed}"))
-        .to_owned();
-    b.rabbitmqctl(&["close_connection", &pid, "the test cuts fm off"])
-        .await;
+    b.close_connection_of(&app, "the test cuts fm off").await;
     fm.wait_for_stderr("connection lost").await;
     std::fs::write(s.out(&format!("{id}.go")), "").unwrap();
     fm.wait_for_stderr("could not settle the message").await;

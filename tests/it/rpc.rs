@@ -14,11 +14,49 @@ use lapin::types::FieldTable;
 use serde_json::{Value, json};
 
 use crate::util::callbacks::{Setup, wait_settled};
-use crate::util::{self, Broker, Fm, FmOutput};
+use crate::util::{self, Broker, Fm, FmOutput, FmProcess};
 
 /// A file in `tests/fixtures/rpc`.
 fn fixture(name: &str) -> PathBuf {
     util::repo_root().join("tests/fixtures/rpc").join(name)
+}
+
+/// A client of our own: a channel consuming (no-ack) from the direct reply-to pseudo-queue,
+/// before it publishes, as RabbitMQ requires.
+async fn direct_reply_to_client(
+    b: &Broker,
+) -> (lapin::Connection, lapin::Channel, lapin::Consumer) {
+    let conn = b.connect().await;
+    let channel = conn.create_channel().await.unwrap();
+    let replies = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    (conn, channel, replies)
+}
+
+/// Publishes `body` to the Setup's queue (topic `QUEUE.rpc`) with `props`, on `channel`.
+async fn request(channel: &lapin::Channel, s: &Setup, body: &[u8], props: BasicProperties) {
+    channel
+        .basic_publish(
+            "amq.topic".into(),
+            format!("{}.rpc", s.queue).as_str().into(),
+            BasicPublishOptions::default(),
+            body,
+            props
+                .with_content_encoding("utf-8".into())
+                .with_reply_to("amq.rabbitmq.reply-to".into()),
+        )
+        .await
+        .unwrap();
 }
 
 /// `fm call ARGS` with a configuration that names the test broker.
@@ -54,6 +92,43 @@ fn reply(out: &FmOutput) -> Value {
         .unwrap_or_else(|e| panic!("the reply is not JSON ({e}): {:?}", out.stdout))
 }
 
+/// A test's queue ([`Setup`]) served by `fm consume` with `callback` (the `[callback]` lines)
+/// and `tables`, consuming.
+async fn server(b: &Broker, name: &str, callback: &str, tables: &str) -> (Setup, FmProcess) {
+    let s = Setup::new(b, name).await;
+    let mut fm = s.fm(&s.fm_config(callback, tables)).spawn();
+    fm.wait_consuming().await;
+    (s, fm)
+}
+
+/// Stops the server (SIGTERM: exit 0) and deletes its queues; returns its output.
+async fn stop(b: &Broker, s: &Setup, fm: FmProcess) -> FmOutput {
+    fm.kill("TERM");
+    let output = fm.wait().await;
+    output.assert_code(0);
+    s.cleanup(b).await;
+    output
+}
+
+/// The `[callback]` lines of the worker fixture (mode = "worker"), then `extra`.
+fn worker(extra: &str) -> String {
+    let worker = fixture("worker.py");
+    let python = util::callbacks::python3();
+    command(
+        &[&python, worker.to_str().unwrap()],
+        &format!("mode = \"worker\"\n{extra}"),
+    )
+}
+
+/// The `[callback]` lines of the exec fixture with reply = "stdout", then `extra`.
+fn exec(extra: &str) -> String {
+    let exec = fixture("exec.sh");
+    command(
+        &[exec.to_str().unwrap()],
+        &format!("reply = \"stdout\"\n{extra}"),
+    )
+}
+
 /// `[callback]` lines for a command (exec or worker mode).
 fn command(argv: &[&str], extra: &str) -> String {
     format!(
@@ -75,14 +150,14 @@ fn python_callback(b: &Broker, attr: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plugin_answers_and_a_message_without_reply_to_is_handled_as_before() {
     let Some(b) = util::broker() else { return };
-    let s = Setup::new(&b, "rpc-plugin").await;
     let plugin = util::plugin_path("attrs");
-    let config = s.fm_config(
+    let (s, mut fm) = server(
+        &b,
+        "rpc-plugin",
         &format!("plugin = \"{}\"", plugin.display()),
         "[consumer_config]\nattrs = {seed = \"kept\"}\n",
-    );
-    let mut fm = s.fm(&config).spawn();
-    fm.wait_consuming().await;
+    )
+    .await;
     s.publish(
         &b,
         "set",
@@ -97,9 +172,7 @@ async fn a_plugin_answers_and_a_message_without_reply_to_is_handled_as_before() 
         reply(&out),
         json!({"ok": true, "attrs": {"a": [1, "ü"], "seed": "kept"}})
     );
-    fm.kill("TERM");
-    fm.wait().await.assert_code(0);
-    s.cleanup(&b).await;
+    stop(&b, &s, fm).await;
 }
 
 /// exec mode with `reply = "stdout"`: the command's output is the reply; a command that exits
@@ -107,22 +180,13 @@ async fn a_plugin_answers_and_a_message_without_reply_to_is_handled_as_before() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_exec_command_answers_with_its_stdout_and_a_failure_sends_nothing() {
     let Some(b) = util::broker() else { return };
-    let s = Setup::new(&b, "rpc-exec").await;
-    let exec = fixture("exec.sh");
-    let config = s.fm_config(
-        &command(&[exec.to_str().unwrap()], "reply = \"stdout\""),
-        "",
-    );
-    let mut fm = s.fm(&config).spawn();
-    fm.wait_consuming().await;
+    let (s, fm) = server(&b, "rpc-exec", &exec(""), "").await;
     let out = ask(&b, &s, &json!({"op": "get"})).await;
     let got = reply(&out);
     assert_eq!(got["echo"]["body"], json!({"op": "get"}));
     assert_eq!(got["echo"]["topic"], format!("{}.rpc", s.queue));
     failing_request_sends_no_reply(&b, &s).await;
-    fm.kill("TERM");
-    fm.wait().await.assert_code(0);
-    s.cleanup(&b).await;
+    stop(&b, &s, fm).await;
 }
 
 /// A request the callback fails on: no reply (fm call times out, 124) and the request is
@@ -155,51 +219,34 @@ async fn failing_request_sends_no_reply(b: &Broker, s: &Setup) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_answers_with_the_reply_of_its_answer_line() {
     let Some(b) = util::broker() else { return };
-    let s = Setup::new(&b, "rpc-worker").await;
-    let worker = fixture("worker.py");
-    let python = util::callbacks::python3();
-    let config = s.fm_config(
-        &command(&[&python, worker.to_str().unwrap()], "mode = \"worker\""),
-        "",
-    );
-    let mut fm = s.fm(&config).spawn();
-    fm.wait_consuming().await;
+    let (s, fm) = server(&b, "rpc-worker", &worker(""), "").await;
     let out = ask(&b, &s, &json!({"n": 7})).await;
     assert_eq!(reply(&out), json!({"echo": {"n": 7}}));
     failing_request_sends_no_reply(&b, &s).await;
-    fm.kill("TERM");
-    fm.wait().await.assert_code(0);
-    s.cleanup(&b).await;
+    stop(&b, &s, fm).await;
 }
 
 /// A fedora-messaging callback's return value is the reply, JSON-encoded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_python_callback_answers_with_its_return_value() {
     let Some(b) = util::broker() else { return };
-    let s = Setup::new(&b, "rpc-python").await;
-    let config = s.fm_config(&python_callback(&b, "answer"), "");
-    let mut fm = s.fm(&config).spawn();
-    fm.wait_consuming().await;
+    let (s, fm) = server(&b, "rpc-python", &python_callback(&b, "answer"), "").await;
     let out = ask(&b, &s, &json!({"q": "ü"})).await;
     assert_eq!(
         reply(&out),
         json!({"echo": {"q": "ü"}, "topic": format!("{}.rpc", s.queue)})
     );
     failing_request_sends_no_reply(&b, &s).await;
-    fm.kill("TERM");
-    fm.wait().await.assert_code(0);
-    s.cleanup(&b).await;
+    stop(&b, &s, fm).await;
 }
 
 /// `fm call FILE`: one JSON line per reply, with the request's line and correlation id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_file_of_requests_gets_one_line_per_reply() {
     let Some(b) = util::broker() else { return };
-    let s = Setup::new(&b, "rpc-file").await;
     let plugin = util::plugin_path("attrs");
-    let config = s.fm_config(&format!("plugin = \"{}\"", plugin.display()), "");
-    let mut fm = s.fm(&config).spawn();
-    fm.wait_consuming().await;
+    let callback = format!("plugin = \"{}\"", plugin.display());
+    let (s, fm) = server(&b, "rpc-file", &callback, "").await;
     let key = format!("{}.rpc", s.queue);
     let requests = (1..=50)
         .map(|i| json!({"op": "set", "key": format!("k{i}"), "value": i}).to_string())
@@ -216,9 +263,7 @@ async fn a_file_of_requests_gets_one_line_per_reply() {
         .map(|r| r["correlation_id"].as_str().unwrap())
         .collect();
     assert_eq!(ids.len(), 50, "a fresh correlation id per request");
-    fm.kill("TERM");
-    fm.wait().await.assert_code(0);
-    s.cleanup(&b).await;
+    stop(&b, &s, fm).await;
 }
 
 /// `fm call FILE`'s output: line number → reply object; panics on a line answered twice.
@@ -283,24 +328,13 @@ async fn fm_call_exits_121_unroutable_111_unreachable_2_invalid() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pika_direct_reply_to_client_gets_polo_from_every_kind_of_callback() {
     let Some(b) = util::broker() else { return };
-    let exec = fixture("exec.sh");
-    let worker = fixture("worker.py");
-    let python = util::callbacks::python3();
     let kinds = [
-        command(
-            &[exec.to_str().unwrap()],
-            "reply = \"stdout\"\nbody = \"bytes\"",
-        ),
-        command(
-            &[&python, worker.to_str().unwrap()],
-            "mode = \"worker\"\nbody = \"bytes\"",
-        ),
+        exec("body = \"bytes\""),
+        worker("body = \"bytes\""),
         format!("{}\nbody = \"bytes\"", python_callback(&b, "polo")),
     ];
     for callback in kinds {
-        let s = Setup::new(&b, "rpc-pika-client").await;
-        let mut fm = s.fm(&s.fm_config(&callback, "")).spawn();
-        fm.wait_consuming().await;
+        let (s, fm) = server(&b, "rpc-pika-client", &callback, "").await;
         let client = std::process::Command::new(b.venv_python())
             .arg(fixture("direct_reply_to_client.py"))
             .arg(b.url())
@@ -320,9 +354,7 @@ async fn a_pika_direct_reply_to_client_gets_polo_from_every_kind_of_callback() {
             "RPC Client got reply: None Polo",
             "{callback}"
         );
-        fm.kill("TERM");
-        fm.wait().await.assert_code(0);
-        s.cleanup(&b).await;
+        stop(&b, &s, fm).await;
     }
 }
 
@@ -371,14 +403,7 @@ async fn fm_call_asks_the_rabbitmq_tutorial_rpc_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_gone_before_it_answers_makes_the_client_exit_124() {
     let Some(b) = util::broker() else { return };
-    let s = Setup::new(&b, "rpc-server-gone").await;
-    let exec = fixture("exec.sh");
-    let config = s.fm_config(
-        &command(&[exec.to_str().unwrap()], "reply = \"stdout\""),
-        "",
-    );
-    let mut fm = s.fm(&config).spawn();
-    fm.wait_consuming().await;
+    let (s, fm) = server(&b, "rpc-server-gone", &exec(""), "").await;
     let key = format!("{}.rpc", s.queue);
     let client = call(
         &b,
@@ -418,46 +443,12 @@ async fn a_server_gone_before_it_answers_makes_the_client_exit_124() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_gone_before_its_reply_is_logged_once_and_the_request_acked() {
     let Some(b) = util::broker() else { return };
-    let s = Setup::new(&b, "rpc-client-gone").await;
-    let worker = fixture("worker.py");
-    let python = util::callbacks::python3();
-    let config = s.fm_config(
-        &command(&[&python, worker.to_str().unwrap()], "mode = \"worker\""),
-        "",
-    );
-    let mut fm = s.fm(&config).spawn();
-    fm.wait_consuming().await;
+    let (s, mut fm) = server(&b, "rpc-client-gone", &worker(""), "").await;
     {
         // A client that asks, then leaves before the worker (sleeping 1 s) answers.
-        let conn = b.connect().await;
-        let channel = conn.create_channel().await.unwrap();
-        let _replies = channel
-            .basic_consume(
-                "amq.rabbitmq.reply-to".into(),
-                "".into(),
-                BasicConsumeOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-                FieldTable::default(),
-            )
-            .await
-            .unwrap();
-        channel
-            .basic_publish(
-                "amq.topic".into(),
-                format!("{}.rpc", s.queue).as_str().into(),
-                BasicPublishOptions::default(),
-                br#"{"sleep": 1}"#,
-                BasicProperties::default()
-                    .with_content_encoding("utf-8".into())
-                    .with_reply_to("amq.rabbitmq.reply-to".into())
-                    .with_correlation_id("gone-1".into()),
-            )
-            .await
-            .unwrap()
-            .await
-            .unwrap();
+        let (conn, channel, _replies) = direct_reply_to_client(&b).await;
+        let props = BasicProperties::default().with_correlation_id("gone-1".into());
+        request(&channel, &s, br#"{"sleep": 1}"#, props).await;
         fm.wait_for_stderr("Consuming message").await;
         conn.close(200, "the client leaves".into()).await.unwrap();
     }
@@ -466,9 +457,8 @@ async fn a_client_gone_before_its_reply_is_logged_once_and_the_request_acked() {
     // Still serving.
     let out = ask(&b, &s, &json!({"n": 2})).await;
     assert_eq!(reply(&out), json!({"echo": {"n": 2}}));
-    fm.kill("TERM");
-    let output = fm.wait().await;
-    output.assert_code(0);
+    let depth = b.queue_depth(&s.queue).await;
+    let output = stop(&b, &s, fm).await;
     assert_eq!(
         output.stderr.matches("the client is gone").count(),
         1,
@@ -480,8 +470,7 @@ async fn a_client_gone_before_its_reply_is_logged_once_and_the_request_acked() {
         "{}",
         output.stderr
     );
-    assert_eq!(b.queue_depth(&s.queue).await, 0, "the request was acked");
-    s.cleanup(&b).await;
+    assert_eq!(depth, 0, "the request was acked");
 }
 
 /// 1,000 pipelined calls while the server's connection is closed by the broker: every
@@ -489,16 +478,9 @@ async fn a_client_gone_before_its_reply_is_logged_once_and_the_request_acked() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_pipelined_calls_survive_a_server_connection_close() {
     let Some(b) = util::broker() else { return };
-    let s = Setup::new(&b, "rpc-close").await;
     let app = util::unique("rpc-close-app");
-    let worker = fixture("worker.py");
-    let python = util::callbacks::python3();
-    let config = s.fm_config(
-        &command(&[&python, worker.to_str().unwrap()], "mode = \"worker\""),
-        &format!("[client_properties]\napp = \"{app}\"\n"),
-    );
-    let mut fm = s.fm(&config).spawn();
-    fm.wait_consuming().await;
+    let tables = format!("[client_properties]\napp = \"{app}\"\n");
+    let (s, mut fm) = server(&b, "rpc-close", &worker(""), &tables).await;
     let key = format!("{}.rpc", s.queue);
     let requests: String = (1..=1000)
         .map(|n| format!("{}\n", json!({"n": n, "sleep": 0.002})))
@@ -524,16 +506,7 @@ async fn a_thousand_pipelined_calls_survive_a_server_connection_close() {
         }
     })
     .await;
-    let listed = b
-        .rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"])
-        .await;
-    let pid = listed
-        .lines()
-        .find(|l| l.contains(&app))
-        .and_then(|l| l.split('\t').next())
-        .unwrap_or_else(|| panic!("fm's connection is not listed:\n{listed}"))
-        .to_owned();
-    b.rabbitmqctl(&["close_connection", &pid, "the test cuts the server off"])
+    b.close_connection_of(&app, "the test cuts the server off")
         .await;
     fm.wait_for_stderr("connection lost").await;
     let out = client.wait_within(Duration::from_secs(90)).await;
@@ -547,51 +520,17 @@ async fn a_thousand_pipelined_calls_survive_a_server_connection_close() {
             "the reply to line {line}"
         );
     }
-    fm.kill("TERM");
-    fm.wait().await.assert_code(0);
-    s.cleanup(&b).await;
+    stop(&b, &s, fm).await;
 }
 
 /// A reply that is not JSON goes as given; the consumer reads it with its correlation id.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reply_carries_the_correlation_id_and_json_only_when_json() {
     let Some(b) = util::broker() else { return };
-    let s = Setup::new(&b, "rpc-props").await;
-    let worker = fixture("worker.py");
-    let python = util::callbacks::python3();
-    let config = s.fm_config(
-        &command(&[&python, worker.to_str().unwrap()], "mode = \"worker\""),
-        "",
-    );
-    let mut fm = s.fm(&config).spawn();
-    fm.wait_consuming().await;
-    let conn = b.connect().await;
-    let channel = conn.create_channel().await.unwrap();
-    let mut replies = channel
-        .basic_consume(
-            "amq.rabbitmq.reply-to".into(),
-            "".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    channel
-        .basic_publish(
-            "amq.topic".into(),
-            format!("{}.rpc", s.queue).as_str().into(),
-            BasicPublishOptions::default(),
-            br#"{"n": 1}"#,
-            BasicProperties::default()
-                .with_content_encoding("utf-8".into())
-                .with_message_id("m-1".into())
-                .with_reply_to("amq.rabbitmq.reply-to".into()),
-        )
-        .await
-        .unwrap();
+    let (s, fm) = server(&b, "rpc-props", &worker(""), "").await;
+    let (conn, channel, mut replies) = direct_reply_to_client(&b).await;
+    let props = BasicProperties::default().with_message_id("m-1".into());
+    request(&channel, &s, br#"{"n": 1}"#, props).await;
     let delivery = tokio::time::timeout(util::TIMEOUT, replies.next())
         .await
         .expect("a reply")
@@ -606,7 +545,5 @@ async fn a_reply_carries_the_correlation_id_and_json_only_when_json() {
     );
     assert_eq!(delivery.data, br#"{"echo":{"n":1}}"#);
     conn.close(200, "done".into()).await.unwrap();
-    fm.kill("TERM");
-    fm.wait().await.assert_code(0);
-    s.cleanup(&b).await;
+    stop(&b, &s, fm).await;
 }

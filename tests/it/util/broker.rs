@@ -500,6 +500,21 @@ impl Broker {
         stdout
     }
 
+    /// Closes, from the broker's side (`rabbitmqctl close_connection`), the connection of the
+    /// client whose `client_properties` mention `app` (fm's `[client_properties] app`).
+    pub async fn close_connection_of(&self, app: &str, reason: &str) {
+        let listed = self
+            .rabbitmqctl(&["-q", "list_connections", "pid", "client_properties"])
+            .await;
+        let pid = listed
+            .lines()
+            .find(|l| l.contains(app))
+            .and_then(|l| l.split('\t').next())
+            .unwrap_or_else(|| panic!("no connection of {app} is listed:\n{listed}"))
+            .to_owned();
+        self.rabbitmqctl(&["close_connection", &pid, reason]).await;
+    }
+
     /// Stops the node (`rabbitmqctl stop`): connections drop, durable queues and persistent
     /// messages are kept for [`Broker::start_node`]. On the shared node this cuts every test
     /// running in parallel: restart tests use a node of their own, [`Broker::extra_node`].
