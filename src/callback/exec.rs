@@ -188,15 +188,17 @@ impl Exec {
         });
         let mut output = Vec::with_capacity(2);
         let capture = self.stdout == ExecStdout::Reply && msg.reply_to.is_some();
-        let reply = match child.stdout.take() {
-            Some(stdout) if capture => Some(tokio::spawn(read_reply(stdout))),
-            _ => None,
+        let reply = if capture {
+            child
+                .stdout
+                .take()
+                .map(|stdout| tokio::spawn(read_reply(stdout)))
+        } else {
+            None
         };
         for (stream, pipe) in [
-            (
-                "stdout",
-                child.stdout.take().filter(|_| !capture).map(boxed),
-            ),
+            // Taken already when captured as the reply.
+            ("stdout", child.stdout.take().map(boxed)),
             ("stderr", child.stderr.take().map(boxed)),
         ] {
             let Some(pipe) = pipe else { continue };
