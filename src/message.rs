@@ -872,6 +872,43 @@ mod tests {
         );
     }
 
+    /// Issue 13: `[callback] body = "bytes"` hands over what fedora-messaging would drop.
+    #[test]
+    fn a_body_that_is_not_a_json_object_is_raw_under_body_bytes_and_invalid_otherwise() {
+        let request = |body: &[u8]| {
+            let mut d = delivery("rpc", "id-1", FieldTable::default());
+            d.data = body.to_vec();
+            d.properties = d
+                .properties
+                .clone()
+                .with_reply_to("amq.rabbitmq.reply-to.x".into())
+                .with_correlation_id("c-1".into());
+            d
+        };
+        for body in [&b"Marco"[..], b"[1, 2]", b"\xff\xfe"] {
+            let mut d = request(body);
+            let mut again = request(body);
+            let r = Received::from_delivery(&mut d, "q", BodyMode::Bytes).unwrap();
+            assert!(r.raw);
+            assert_eq!(r.raw_body, body);
+            assert_eq!(r.reply_to.as_deref(), Some("amq.rabbitmq.reply-to.x"));
+            assert_eq!(r.correlation_id.as_deref(), Some("c-1"));
+            assert!(
+                r.record
+                    .contains(", \"raw_body\": true, \"topic\": \"rpc\"}"),
+                "{}",
+                r.record
+            );
+            assert!(Received::from_delivery(&mut again, "q", BodyMode::Json).is_err());
+        }
+        let mut d = delivery("rpc", "id-1", FieldTable::default());
+        d.data = br#"{"op": "get"}"#.to_vec();
+        let r = Received::from_delivery(&mut d, "q", BodyMode::Bytes).unwrap();
+        assert!(!r.raw, "a JSON object is a message as ever");
+        assert!(!r.record.contains("raw_body"));
+        assert_eq!(r.reply_to, None);
+    }
+
     #[test]
     fn a_delivery_the_parser_did_not_repair_is_decoded() {
         let headers = table(

@@ -10,7 +10,8 @@
 //!   "error": "…"}`. Only `result` is required and other keys are ignored. `halt` stops fm
 //!   with `exit_code` (default 0), requeueing the message if `requeue` (default false); `fail`
 //!   is an unexpected failure, handled per `[callback] on_error`; `error` is logged (it is the
-//!   reason of a halt or a failure);
+//!   reason of a halt or a failure); an `ack` may carry the reply to a request, `"reply"` (a
+//!   JSON value) or `"reply_text"` (text sent as it is), see `answer.rs`;
 //! - one message is in flight per worker, so stdout carries answers and nothing else: a line
 //!   that is not an answer, or output written before a message was sent, is a protocol error;
 //! - stderr goes to fm's log, line by line, tagged with the worker and the message it is on;
