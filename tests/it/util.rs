@@ -802,6 +802,8 @@ pub fn build_c_plugin_with(src: &Path, cflags: &[&str]) -> PathBuf {
 /// A command line for `fm`, run in a temporary folder of its own:
 /// `Fm::new().config_toml(&toml).arg("consume").spawn()`.
 pub struct Fm {
+    /// The binary: [`fm_bin`] unless [`Fm::binary`] names another (an installed one).
+    bin: PathBuf,
     args: Vec<OsString>,
     envs: Vec<(OsString, Option<OsString>)>,
     config: Option<PathBuf>,
@@ -820,6 +822,7 @@ impl Fm {
     /// which config it means) and `RUST_BACKTRACE=1`.
     pub fn new() -> Fm {
         Fm {
+            bin: fm_bin(),
             args: Vec::new(),
             envs: vec![
                 ("FEDORA_MESSAGING_CONF".into(), None),
@@ -829,6 +832,12 @@ impl Fm {
             stdin: None,
             dir: tempfile::tempdir().expect("creating a temporary folder"),
         }
+    }
+
+    /// Runs another fm binary than the one cargo built (one a package installed, say).
+    pub fn binary(mut self, bin: impl Into<PathBuf>) -> Fm {
+        self.bin = bin.into();
+        self
     }
 
     /// Adds one argument.
@@ -891,7 +900,7 @@ impl Fm {
     }
 
     fn command(&self) -> tokio::process::Command {
-        let mut cmd = tokio::process::Command::new(fm_bin());
+        let mut cmd = tokio::process::Command::new(&self.bin);
         if let Some(config) = &self.config {
             cmd.arg("--conf").arg(config);
         }
