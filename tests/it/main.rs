@@ -15,6 +15,7 @@ mod faults;
 mod fuzz;
 mod hostile;
 mod ops;
+mod packaging;
 mod publish;
 mod python;
 mod record;
