@@ -27,7 +27,9 @@
  *
  *     FM_PLUGIN_EXPORT const fm_plugin *fm_plugin_v1(void) { return &PLUGIN; }
  *
- * and build it with `cc -shared -fPIC -I /path/to/fm/include -o libtopics.so topics.c`.
+ * and build it with `cc $(pkg-config --cflags fm-plugin) -shared -fPIC -o libtopics.so topics.c`
+ * (fm-plugin.pc comes with this header in fm's packages), or with `-I /path/to/fm/include` in
+ * place of the pkg-config part from a source tree.
  * plugins/printer-c/printer.c is a complete example.
  *
  * Life cycle

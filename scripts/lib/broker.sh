@@ -18,6 +18,7 @@
 #
 # Functions (progress goes to stderr; stdout carries only values such as broker_env's lines):
 #   fm_ensure_packages         apt-get install what the tests need, only when something is missing
+#   fm_ensure_packages_of PKG… the same for other packages (scripts/rpm, scripts/wheel)
 #   fm_ensure_venv             target/venv with fedora-messaging (reused when present)
 #   fm_ensure_pki              target/test-pki (see fm_make_pki for the files)
 #   broker_start NAME          start node NAME (first start: allocate ports, create fm-client user)
@@ -36,7 +37,7 @@ FM_VENV=$FM_TARGET/venv
 FM_FEDORA_MESSAGING_VERSION=3.9.1
 # Bump when fm_make_pki changes, so existing material is regenerated.
 FM_PKI_VERSION=1
-FM_PACKAGES=(rabbitmq-server amqp-tools python3-venv openssl groff-base systemd man-db dpkg-dev)
+FM_PACKAGES=(rabbitmq-server amqp-tools python3-venv openssl groff-base systemd man-db dpkg-dev pkgconf)
 # The CLI tools pick their own distribution port in this range (Debian's default allows only 11,
 # too few when tests run rabbitmqctl in parallel). Node ports are allocated outside it.
 FM_CTL_DIST_MIN=35672
@@ -69,9 +70,11 @@ fm_unlock() {
 	FM_LOCK_FD=
 }
 
-fm_ensure_packages() {
+fm_ensure_packages() { fm_ensure_packages_of "${FM_PACKAGES[@]}"; }
+
+fm_ensure_packages_of() {
 	local p missing=()
-	for p in "${FM_PACKAGES[@]}"; do
+	for p in "$@"; do
 		[[ $(dpkg-query -W -f='${Status}' "$p" 2>/dev/null) == "install ok installed" ]] || missing+=("$p")
 	done
 	command -v cc >/dev/null || missing+=(gcc)

@@ -1,8 +1,8 @@
 //! Python callbacks: fedora-messaging's `callback = "package.module:attribute"`, run unchanged.
 //!
 //! A team moving to fm keeps its consumers: fm runs the bundled shim (`python/fm_shim.py`) as a
-//! [worker](super::worker) per concurrency slot, under `python3` or `[callback] interpreter`
-//! (a virtualenv's python, say). The shim imports the callback once, rebuilds a real
+//! [worker](super::worker) per concurrency slot, under `[callback] interpreter` when the
+//! configuration sets one, else the [`default_interpreter`]. The shim imports the callback once, rebuilds a real
 //! `fedora_messaging.message.Message` from each message with fedora-messaging's own decoder,
 //! sets `fedora_messaging.config.conf` (with `consumer_config`), calls the callback and maps
 //! `Nack`/`Drop`/`HaltConsumer`/other exceptions onto the worker protocol.
@@ -21,15 +21,27 @@
 //!   level under the `fm::callback` target.
 //! - A class is instantiated once **per worker process**, so with `concurrency = N` there are N
 //!   instances (fedora-messaging has one, and runs one message at a time).
+//! - **The default interpreter is the virtualenv's fm was started from** (issue 16): fm's wheel
+//!   (`pip install` into a consumer's own virtualenv, as ruff and uv ship their binaries) puts
+//!   fm at `VENV/bin/fm`, next to the callback's packages, and a unit or a cron line runs that
+//!   path without activating the virtualenv. `python3` from `PATH` would then be the system's,
+//!   which has neither fedora-messaging nor the callback. So when fm was started as
+//!   `VENV/bin/fm` and `VENV/pyvenv.cfg` exists (PEP 405's marker of a virtualenv), the
+//!   default is `VENV/bin/python3`; otherwise it is `python3` from `PATH`, which an activated
+//!   virtualenv (`$VIRTUAL_ENV/bin` first in `PATH`) already makes its own. The path fm was
+//!   *started as* is used, not `/proc/self/exe`: `pipx`/`uv tool` link `~/.local/bin/fm` to a
+//!   private virtualenv of fm alone, whose python has none of the user's packages, and a link
+//!   followed would pick that one.
 
-use std::path::Path;
+use std::ffi::OsStr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Map, Value};
 use tracing::level_filters::LevelFilter;
 
 use super::worker::{Pool, Spec, Transport};
-use crate::config::{Config, LogConfig};
+use crate::config::{Config, DEFAULT_PYTHON, LogConfig};
 use crate::error::{Exit, code, exit_code_of};
 use crate::limits;
 use crate::shutdown::Shutdown;
@@ -43,6 +55,40 @@ const BOOTSTRAP: &str =
 
 /// How long the interpreter may take to import the callback and say it is ready.
 const READY_WITHIN: Duration = Duration::from_secs(60);
+
+/// The interpreter of a Python callback whose `[callback] interpreter` is not set: the
+/// virtualenv's `python3` when fm was started as `VENV/bin/fm`, else `python3` (looked up in
+/// `PATH` when the worker starts). See the module docs for why.
+pub fn default_interpreter() -> PathBuf {
+    std::env::args_os()
+        .next()
+        .and_then(|argv0| started_as(Path::new(&argv0), std::env::var_os("PATH").as_deref()))
+        .and_then(|fm| venv_python(&fm))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_PYTHON))
+}
+
+/// The file fm was started from, as its `argv[0]` names it: a path as given (made absolute), or
+/// a bare name looked up in `path` as `execvp` does. Symbolic links are not followed.
+fn started_as(argv0: &Path, path: Option<&OsStr>) -> Option<PathBuf> {
+    if argv0.as_os_str().is_empty() {
+        return None;
+    }
+    if argv0.components().count() > 1 {
+        return std::path::absolute(argv0).ok();
+    }
+    std::env::split_paths(path?)
+        .filter(|dir| dir.is_absolute())
+        .map(|dir| dir.join(argv0))
+        .find(|candidate| candidate.is_file())
+}
+
+/// `VENV/bin/python3` when `fm` is `VENV/bin/fm` and `VENV/pyvenv.cfg` marks a virtualenv.
+fn venv_python(fm: &Path) -> Option<PathBuf> {
+    let bin = fm.parent()?;
+    let venv = bin.parent()?;
+    let python = bin.join("python3");
+    (venv.join("pyvenv.cfg").is_file() && python.is_file()).then_some(python)
+}
 
 /// How to start the shim for `target` under `interpreter`.
 pub fn spec(config: &Config, target: &str, interpreter: &Path) -> Spec {
@@ -202,6 +248,51 @@ mod tests {
             r#"{"root":"ERROR","loggers":{"mine":"DEBUG"}}"#
         );
         assert_eq!(spec.transport, Transport::Socket);
+    }
+
+    #[test]
+    fn fm_started_from_a_virtualenv_defaults_to_its_python() {
+        let dir = tempfile::tempdir().unwrap();
+        let venv = dir.path().join("venv");
+        let bin = venv.join("bin");
+        std::fs::create_dir_all(&bin).unwrap();
+        for file in ["fm", "python3"] {
+            std::fs::write(bin.join(file), "").unwrap();
+        }
+        let fm = bin.join("fm");
+        // Not a virtualenv yet: no pyvenv.cfg.
+        assert_eq!(venv_python(&fm), None);
+        std::fs::write(venv.join("pyvenv.cfg"), "home = /usr/bin\n").unwrap();
+        assert_eq!(venv_python(&fm), Some(bin.join("python3")));
+        // A virtualenv without python3 is no default.
+        std::fs::remove_file(bin.join("python3")).unwrap();
+        assert_eq!(venv_python(&fm), None);
+        // /usr/bin/fm: /usr has no pyvenv.cfg.
+        assert_eq!(venv_python(Path::new("/usr/bin/fm")), None);
+    }
+
+    #[test]
+    fn the_path_fm_was_started_as_is_its_argv0_or_found_in_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(b.join("fm"), "").unwrap();
+        let path = std::env::join_paths([Path::new("relative"), &a, &b]).unwrap();
+        // A bare name: the first PATH entry that has it (relative entries are skipped).
+        assert_eq!(started_as(Path::new("fm"), Some(&path)), Some(b.join("fm")));
+        assert_eq!(started_as(Path::new("fm"), None), None);
+        assert_eq!(started_as(Path::new("other"), Some(&path)), None);
+        assert_eq!(started_as(Path::new(""), Some(&path)), None);
+        // A path is taken as given (absolute, or made so), without looking at PATH.
+        assert_eq!(
+            started_as(Path::new("/venv/bin/fm"), Some(&path)),
+            Some(PathBuf::from("/venv/bin/fm"))
+        );
+        assert_eq!(
+            started_as(Path::new("venv/bin/fm"), None),
+            Some(std::env::current_dir().unwrap().join("venv/bin/fm"))
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub fn parse_callback_string(s: &str) -> anyhow::Result<CallbackKind> {
         check_python_target(s)?;
         return Ok(CallbackKind::Python {
             target: s.to_owned(),
-            interpreter: PathBuf::from(DEFAULT_PYTHON),
+            interpreter: crate::callback::python::default_interpreter(),
         });
     }
     Err(anyhow!(
@@ -140,7 +140,7 @@ impl<'t> Parser<'t> {
                     return Err(self.err(i.span(), "[callback] interpreter is empty"));
                 }
                 Some(i) => PathBuf::from(i.get_ref()),
-                None => PathBuf::from(DEFAULT_PYTHON),
+                None => crate::callback::python::default_interpreter(),
             };
             Some(CallbackKind::Python {
                 target,

@@ -65,7 +65,9 @@ pub const INFORMATION: &str = "fm, a fast fedora-messaging compatible consumer (
 pub const VERSION: &str = concat!("fm-", env!("CARGO_PKG_VERSION"));
 /// `client_properties.app` when the file does not set it.
 pub const DEFAULT_APP: &str = "Unknown";
-/// The Python interpreter used for Python callbacks unless `[callback] interpreter` says otherwise.
+/// The Python interpreter used for Python callbacks unless `[callback] interpreter` says
+/// otherwise and fm was not started from a virtualenv (see
+/// [`default_interpreter`](crate::callback::python::default_interpreter)).
 pub const DEFAULT_PYTHON: &str = "python3";
 
 /// Every top-level key fm reads: fedora-messaging's, then fm's own.

@@ -516,3 +516,119 @@ fn fm_callbacks_7_documents_the_three_contracts() {
         "fm-callbacks(7) does not mention: {missing:?}"
     );
 }
+
+/// The `.EX` … `.EE` examples of a page, as plain text (escapes undone), in order.
+fn examples(source: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current: Option<Vec<String>> = None;
+    for line in source.lines() {
+        match (line, current.as_mut()) {
+            (".EX", None) => current = Some(Vec::new()),
+            (".EE", Some(_)) => out.push(current.take().unwrap_or_default().join("\n") + "\n"),
+            (_, Some(lines)) => lines.push(plain(line)),
+            _ => {}
+        }
+    }
+    out
+}
+
+/// Issue 16: the plugin example of fm-callbacks(7) builds with the page's own command line,
+/// `cc $(pkg-config --cflags fm-plugin) …`, against the header and fm-plugin.pc as
+/// scripts/install puts them (so as the .deb ships them; scripts/rpm does the same against the
+/// RPM), and fm loads what it built.
+#[test]
+fn the_plugin_example_builds_with_pkg_config_against_the_installed_header() {
+    for tool in ["cc", "pkg-config"] {
+        let found = std::process::Command::new(tool)
+            .arg("--version")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !found {
+            util::skip(&format!("{tool} is not installed"));
+            return;
+        }
+    }
+    let examples = examples(&page("fm-callbacks.7"));
+    let code = examples
+        .iter()
+        .find(|e| e.contains("fm_plugin_v1(void)"))
+        .expect("fm-callbacks(7) has the plugin example");
+    let build = examples
+        .iter()
+        .find(|e| e.starts_with("cc $(pkg-config --cflags fm-plugin)"))
+        .expect("fm-callbacks(7) says how to build it with pkg-config");
+    assert!(code.contains("#include <fm_plugin.h>"), "{code}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts/install"))
+        .env("DESTDIR", &root)
+        .env("PREFIX", "/usr")
+        .env("FM_BIN", util::fm_bin())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "scripts/install: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pc = std::fs::read_to_string(root.join("usr/share/pkgconfig/fm-plugin.pc")).unwrap();
+    assert!(
+        pc.contains("\nincludedir=${prefix}/include\n")
+            && pc.contains(&format!("\nVersion: {}\n", env!("CARGO_PKG_VERSION"))),
+        "{pc}"
+    );
+
+    // pkg-config reads the staged .pc, and prefixes its paths with the staging root.
+    // ALLOW_SYSTEM_CFLAGS: /usr/include is a system folder, which pkg-config leaves out (the
+    // compiler searches it anyway); here it must become ROOT/usr/include.
+    let work = dir.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    std::fs::write(work.join("topics.c"), code).unwrap();
+    let out = std::process::Command::new("sh")
+        .args(["-ec", build])
+        .current_dir(&work)
+        .env("PKG_CONFIG_LIBDIR", root.join("usr/share/pkgconfig"))
+        .env("PKG_CONFIG_SYSROOT_DIR", &root)
+        .env("PKG_CONFIG_ALLOW_SYSTEM_CFLAGS", "1")
+        .env_remove("PKG_CONFIG_PATH")
+        .env_remove("CPATH")
+        .env_remove("C_INCLUDE_PATH")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{build}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let library = work.join("libtopics.so");
+
+    // fm check loads, initialises and shuts the plugin down before it tries the broker (which
+    // is not there: port 1).
+    let config = work.join("config.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "amqp_url = \"amqp://127.0.0.1:1/%2F?connection_attempts=1\"\ncallback = \"{}\"\n",
+            library.display()
+        ),
+    )
+    .unwrap();
+    let out = std::process::Command::new(util::fm_bin())
+        .arg("--config")
+        .arg(&config)
+        .arg("check")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(&format!(
+            "ok    callback: plugin topics 1.0 ({}) loaded, initialised and shut down",
+            library.display()
+        )),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -14,6 +14,7 @@ mod faults;
 mod fuzz;
 mod hostile;
 mod ops;
+mod packaging;
 mod plugin;
 mod publish;
 mod python;

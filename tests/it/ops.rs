@@ -1248,12 +1248,14 @@ const INSTALLED_UNDER_USR: &[&str] = &[
     "usr/lib/systemd/system/fm-relay@.service",
     "usr/lib/systemd/user/fm-consumer@.service",
     "usr/share/bash-completion/completions/fm",
+    "usr/share/doc/fm/examples/fedora.toml",
     "usr/share/doc/fm/examples/fm.toml",
     "usr/share/fish/vendor_completions.d/fm.fish",
     "usr/share/fm/python/fm_shim.py",
     "usr/share/man/man1/fm.1",
     "usr/share/man/man5/fm.toml.5",
     "usr/share/man/man7/fm-callbacks.7",
+    "usr/share/pkgconfig/fm-plugin.pc",
     "usr/share/zsh/vendor-completions/_fm",
 ];
 
@@ -1363,6 +1365,51 @@ fn install_under_another_prefix_points_the_units_at_its_binary() {
         relay.contains("\nExecStart=/opt/fm/bin/fm relay --config "),
         "{relay}"
     );
+}
+
+/// The RPM installs with UNIT=fm (packaging/rpm/fm.spec, issue 16): both units are fm@.service,
+/// and their comments name them so.
+#[test]
+fn install_with_another_unit_name_renames_both_units() {
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("root");
+    let out = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts/install"))
+        .env("DESTDIR", &dest)
+        .env("PREFIX", "/usr")
+        .env("UNIT", "fm")
+        .env("FM_BIN", fm_bin())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let files = files_under(&dest);
+    for unit in [
+        "usr/lib/systemd/system/fm@.service",
+        "usr/lib/systemd/user/fm@.service",
+    ] {
+        assert!(files.contains(&unit.to_owned()), "{files:?}");
+        let text = std::fs::read_to_string(dest.join(unit)).unwrap();
+        assert!(!text.contains("fm-consumer@"), "{unit}:\n{text}");
+        assert!(
+            text.contains("enable --now fm@NAME.service"),
+            "{unit}:\n{text}"
+        );
+    }
+    assert!(
+        !files.iter().any(|f| f.contains("fm-consumer@")),
+        "{files:?}"
+    );
+    let bad = std::process::Command::new("bash")
+        .arg(repo_root().join("scripts/install"))
+        .arg("--list")
+        .env("UNIT", "fm@x")
+        .output()
+        .unwrap();
+    assert!(!bad.status.success(), "UNIT with an '@' is refused");
 }
 
 #[test]

@@ -78,6 +78,12 @@ impl Fm {
         self
     }
 
+    /// Removes an environment variable for fm.
+    pub fn env_remove(mut self, key: impl AsRef<OsStr>) -> Fm {
+        self.envs.push((key.as_ref().to_owned(), None));
+        self
+    }
+
     /// Writes `toml` to `config.toml` in the run's folder and passes `--conf PATH` first.
     pub fn config_toml(mut self, toml: &str) -> Fm {
         let path = self.write_file("config.toml", toml);
