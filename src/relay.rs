@@ -78,18 +78,7 @@ pub const RELAYING: &str = "relaying the spool";
 
 /// `fm relay`.
 pub async fn run(config: &Config, args: &RelayArgs) -> anyhow::Result<u8> {
-    let dir = args
-        .spool
-        .clone()
-        .or_else(|| config.spool.directory.clone())
-        .ok_or_else(|| {
-            Exit::new(
-                code::USAGE,
-                anyhow!(
-                    "no spool: give --spool DIR, or set [spool] directory in the configuration"
-                ),
-            )
-        })?;
+    let dir = crate::spool::directory(args.spool.as_deref(), config)?;
     let spool = Spool::open(&dir).map_err(|e| {
         Exit::new(
             code::USAGE,

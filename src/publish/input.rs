@@ -142,6 +142,24 @@ pub(super) enum Source {
 }
 
 impl Source {
+    /// What the arguments name: FILE, standard input (`-`), or the one message of the command
+    /// line; with how to call it in messages.
+    pub(super) async fn from_args(
+        config: &Config,
+        args: &PublishArgs,
+    ) -> anyhow::Result<(Source, String)> {
+        Ok(match &args.file {
+            Some(path) if path.as_os_str() == "-" => {
+                (Source::open(path).await?, "standard input".to_owned())
+            }
+            Some(path) => (Source::open(path).await?, path.display().to_string()),
+            None => (
+                Source::One(adhoc_message(config, args).await?),
+                "the command line".to_owned(),
+            ),
+        })
+    }
+
     /// Open FILE, or standard input for `-`. A file that cannot be opened is a usage error
     /// (exit 2), as with fedora-messaging's `click.File`.
     ///

@@ -87,7 +87,7 @@ mod spooled;
 mod transaction;
 
 use failed::FailedFile;
-use input::{Item, Read, Source, adhoc_message};
+use input::{Item, Read, Source};
 pub use input::{parse_header, parse_line, parse_severity};
 use pipeline::InFlight;
 pub(crate) use pipeline::{Outgoing, close, loss_text, open_channel, return_reason, soft_error};
@@ -226,34 +226,14 @@ pub(crate) fn exchange(config: &Config, given: Option<&str>) -> anyhow::Result<S
 pub async fn run(config: &Config, args: &PublishArgs) -> anyhow::Result<u8> {
     let exchange = exchange(config, args.exchange.as_deref())?;
     if let Some(dir) = &args.spool {
-        let dir = dir
-            .clone()
-            .or_else(|| config.spool.directory.clone())
-            .ok_or_else(|| {
-                Exit::new(
-                    code::USAGE,
-                    anyhow!(
-                        "--spool needs a folder: give --spool DIR, or set [spool] directory in the \
-                     configuration"
-                    ),
-                )
-            })?;
+        let dir = crate::spool::directory(dir.as_deref(), config)?;
         return spooled::run(config, args, dir, exchange).await;
     }
     let connector = Connector::new(config)?;
     if args.transaction {
         return transaction::run(config, args, exchange, connector).await;
     }
-    let (source, input_name) = match &args.file {
-        Some(path) if path.as_os_str() == "-" => {
-            (Source::open(path).await?, "standard input".to_owned())
-        }
-        Some(path) => (Source::open(path).await?, path.display().to_string()),
-        None => (
-            Source::One(adhoc_message(config, args).await?),
-            "the command line".to_owned(),
-        ),
-    };
+    let (source, input_name) = Source::from_args(config, args).await?;
     let failed_file = match &args.failed {
         Some(path) => Some(FailedFile::create(path).await?),
         None => None,

@@ -20,16 +20,7 @@ pub(super) async fn run(
     dir: PathBuf,
     exchange: ShortString,
 ) -> anyhow::Result<u8> {
-    let (source, input_name) = match &args.file {
-        Some(path) if path.as_os_str() == "-" => {
-            (Source::open(path).await?, "standard input".to_owned())
-        }
-        Some(path) => (Source::open(path).await?, path.display().to_string()),
-        None => (
-            Source::One(adhoc_message(config, args).await?),
-            "the command line".to_owned(),
-        ),
-    };
+    let (source, input_name) = Source::from_args(config, args).await?;
     let header = Header {
         format: spool::FORMAT,
         exchange: exchange.to_string(),

@@ -184,6 +184,23 @@ impl Name {
     }
 }
 
+/// The spool folder: `given` on the command line (`--spool DIR`), else the configuration's
+/// `[spool] directory`; neither is a usage error that says how to name one.
+pub fn directory(given: Option<&Path>, config: &crate::config::Config) -> anyhow::Result<PathBuf> {
+    given
+        .map(Path::to_path_buf)
+        .or_else(|| config.spool.directory.clone())
+        .ok_or_else(|| {
+            crate::error::Exit::new(
+                crate::error::code::USAGE,
+                anyhow::anyhow!(
+                    "no spool folder: give --spool DIR, or set [spool] directory in the \
+                     configuration"
+                ),
+            )
+        })
+}
+
 /// `fsync` a folder, so that the names created or renamed in it survive a crash.
 pub fn sync_folder(path: &Path) -> io::Result<()> {
     File::open(path)?.sync_all()
@@ -199,6 +216,23 @@ pub fn now_ns() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_spool_folder_comes_from_the_flag_then_the_configuration() {
+        let mut config = crate::config::Config::default();
+        let err = directory(None, &config).unwrap_err();
+        assert_eq!(crate::error::exit_code_of(&err), crate::error::code::USAGE);
+        assert!(format!("{err:#}").contains("[spool] directory"), "{err:#}");
+        config.spool.directory = Some(PathBuf::from("/var/spool/fm/a"));
+        assert_eq!(
+            directory(None, &config).unwrap(),
+            Path::new("/var/spool/fm/a")
+        );
+        assert_eq!(
+            directory(Some(Path::new("/tmp/b")), &config).unwrap(),
+            Path::new("/tmp/b")
+        );
+    }
 
     #[test]
     fn names_sort_by_stamp_and_refuse_strangers() {

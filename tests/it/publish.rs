@@ -15,7 +15,7 @@ use tokio::io::AsyncWriteExt as _;
 
 use crate::util::peer::{Peer, exchange_and_queue, ids_of, lines, queue_config, wait_for_lines};
 use crate::util::proxy::Proxy;
-use crate::util::{Broker, Fm, FmProcess, broker, fedora_fixture};
+use crate::util::{Fm, FmProcess, broker, fedora_fixture};
 
 /// Sends SIGTERM to a child and waits for it.
 async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatus {
@@ -28,21 +28,6 @@ async fn terminate(child: &mut tokio::process::Child) -> std::process::ExitStatu
         .await
         .expect("the child stops within 30 s of SIGTERM")
         .expect("waiting for the child")
-}
-
-/// Every message id in `queue`, taking the messages off it.
-async fn drain_ids(b: &Broker, queue: &str) -> Vec<String> {
-    let mut ids = Vec::new();
-    while let Some(d) = b.get(queue).await {
-        ids.push(
-            d.properties
-                .message_id()
-                .as_ref()
-                .map(|s| s.as_str().to_owned())
-                .unwrap_or_default(),
-        );
-    }
-    ids
 }
 
 /// Runs `fm publish ARGS... --failed FILE` and returns its output and the lines of FILE
@@ -367,7 +352,7 @@ async fn a_bad_line_stops_publishing_unless_keep_going() {
         "{}",
         out.stderr
     );
-    assert_eq!(drain_ids(&b, &queue).await, ids[..2]);
+    assert_eq!(b.drain_ids(&queue).await, ids[..2]);
 
     let run = Fm::new().config_toml(&config);
     run.write_file("in.jsonl", &file);
@@ -379,7 +364,7 @@ async fn a_bad_line_stops_publishing_unless_keep_going() {
     assert!(out.stderr.contains("line 3 of in.jsonl"), "{}", out.stderr);
     assert!(out.stderr.contains("4 published"), "{}", out.stderr);
     // With --keep-going the bad line is skipped and every good one is sent.
-    assert_eq!(drain_ids(&b, &queue).await, ids);
+    assert_eq!(b.drain_ids(&queue).await, ids);
     b.delete_queue(&queue).await;
     b.delete_exchange(&exchange).await;
 }
@@ -402,7 +387,7 @@ async fn the_lines_after_a_bad_one_are_saved_with_failed() {
         "{}",
         out.stderr
     );
-    assert_eq!(drain_ids(&b, &queue).await, ids[..1]);
+    assert_eq!(b.drain_ids(&queue).await, ids[..1]);
     assert_eq!(ids_of(&failed_lines), ids[1..]);
     b.delete_queue(&queue).await;
     b.delete_exchange(&exchange).await;
@@ -494,7 +479,7 @@ async fn returned_messages_in_a_file_are_all_reported_with_keep_going() {
         returned,
         "exactly the returned ones, in input order"
     );
-    assert_eq!(drain_ids(&b, &queue).await, routed);
+    assert_eq!(b.drain_ids(&queue).await, routed);
     b.delete_queue(&queue).await;
     b.delete_exchange(&exchange).await;
 }
@@ -570,7 +555,7 @@ async fn many_messages_are_pipelined_in_order_and_all_confirmed() {
         "a file publish prints nothing on stdout: {}",
         out.stdout
     );
-    assert_eq!(drain_ids(&b, &queue).await, ids);
+    assert_eq!(b.drain_ids(&queue).await, ids);
     b.delete_queue(&queue).await;
     b.delete_exchange(&exchange).await;
 }
@@ -593,7 +578,7 @@ async fn publishing_is_pipelined_behind_a_slow_link() {
     run.args(["publish", "in.jsonl"]).run().await.assert_code(0);
     let took = started.elapsed();
     assert!(took < Duration::from_secs(20), "300 messages took {took:?}");
-    assert_eq!(drain_ids(&b, &queue).await, ids);
+    assert_eq!(b.drain_ids(&queue).await, ids);
     b.delete_queue(&queue).await;
     b.delete_exchange(&exchange).await;
 }
@@ -638,7 +623,7 @@ async fn broker_outages_lose_no_message() {
     out.assert_code(0);
     assert!(out.stderr.contains("reconnecting"), "{}", out.stderr);
     assert!(lines(&failed).is_empty());
-    let got: BTreeSet<String> = drain_ids(&node, &queue).await.into_iter().collect();
+    let got: BTreeSet<String> = node.drain_ids(&queue).await.into_iter().collect();
     assert_eq!(got, ids.iter().cloned().collect::<BTreeSet<_>>());
 
     // 2. The node stops mid-file for good: exit 111, and --failed completes the set. The
@@ -692,7 +677,7 @@ async fn broker_outages_lose_no_message() {
     );
 
     node.start_node().await;
-    let before: BTreeSet<String> = drain_ids(&node, &queue).await.into_iter().collect();
+    let before: BTreeSet<String> = node.drain_ids(&queue).await.into_iter().collect();
     let saved_set: BTreeSet<&String> = saved.iter().collect();
     assert!(
         ids.iter()
@@ -703,7 +688,7 @@ async fn broker_outages_lose_no_message() {
     let run = Fm::new().config_toml(&config);
     let again = run.write_file("again.jsonl", std::fs::read(&failed).unwrap());
     run.arg("publish").arg(&again).run().await.assert_code(0);
-    let after: BTreeSet<String> = drain_ids(&node, &queue).await.into_iter().collect();
+    let after: BTreeSet<String> = node.drain_ids(&queue).await.into_iter().collect();
     let complete: BTreeSet<String> = before.union(&after).cloned().collect();
     assert_eq!(complete, ids.iter().cloned().collect::<BTreeSet<_>>());
 
@@ -746,7 +731,7 @@ async fn sigint_stops_after_the_in_flight_messages_are_confirmed() {
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert!(stderr.contains("after line 10"), "{stderr}");
     assert!(lines(&failed).is_empty(), "all 10 were confirmed");
-    assert_eq!(drain_ids(&b, &queue).await, ids);
+    assert_eq!(b.drain_ids(&queue).await, ids);
     b.delete_queue(&queue).await;
     b.delete_exchange(&exchange).await;
 }
@@ -783,7 +768,7 @@ async fn a_nacked_message_is_refused_with_121_and_saved() {
         out.stderr
     );
     assert_eq!(ids_of(&saved), ids[1..]);
-    assert_eq!(drain_ids(&b, &queue).await, ids[..1]);
+    assert_eq!(b.drain_ids(&queue).await, ids[..1]);
     b.delete_queue(&queue).await;
     b.delete_exchange(&exchange).await;
 }

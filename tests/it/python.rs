@@ -213,17 +213,7 @@ async fn run(
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    let mut left = Vec::new();
-    while let Some(d) = b.get(&s.queue).await {
-        left.push(
-            d.properties
-                .message_id()
-                .as_ref()
-                .unwrap()
-                .as_str()
-                .to_owned(),
-        );
-    }
+    let left = b.drain_ids(&s.queue).await;
     // Both runners log each drop (fedora-messaging's words) just before nacking it.
     let drops = result
         .stderr

@@ -69,13 +69,7 @@ async fn collect_ids(b: &Broker, queue: &str, n: usize, within: Duration) -> Vec
         let left = deadline.saturating_duration_since(Instant::now());
         match tokio::time::timeout(left, consumer.next()).await {
             Ok(Some(Ok(d))) => {
-                ids.push(
-                    d.properties
-                        .message_id()
-                        .as_ref()
-                        .map(|s| s.as_str().to_owned())
-                        .unwrap_or_default(),
-                );
+                ids.push(util::message_id(&d));
                 d.ack(BasicAckOptions::default()).await.unwrap();
             }
             _ => break,

@@ -397,6 +397,15 @@ impl Broker {
             .map(|m| m.delivery)
     }
 
+    /// Takes every message off `queue` and returns their ids, in queue order ("" for none).
+    pub async fn drain_ids(&self, queue: &str) -> Vec<String> {
+        let mut ids = Vec::new();
+        while let Some(d) = self.get(queue).await {
+            ids.push(message_id(&d));
+        }
+        ids
+    }
+
     /// Takes one message off `queue` and parses its body as JSON.
     pub async fn get_json(&self, queue: &str) -> Option<serde_json::Value> {
         let delivery = self.get(queue).await?;
@@ -592,6 +601,16 @@ fn port_of(url: &str) -> u16 {
         .unwrap_or("");
     let port = authority.rsplit(':').next().unwrap_or("");
     port.parse().unwrap_or_else(|_| panic!("no port in {url}"))
+}
+
+/// A delivery's `message_id` ("" when it has none).
+pub fn message_id(delivery: &lapin::message::Delivery) -> String {
+    delivery
+        .properties
+        .message_id()
+        .as_ref()
+        .map(|s| s.as_str().to_owned())
+        .unwrap_or_default()
 }
 
 /// A `FieldTable` from pairs: `field_table([("key", AMQPValue::Boolean(true))])`.

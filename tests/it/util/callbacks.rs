@@ -128,17 +128,7 @@ prefetch_size = 0
     /// just before sending it.
     pub async fn dead_lettered(&self, b: &Broker, n: u32) -> Vec<String> {
         b.wait_for_depth(&self.dlq, n).await;
-        let mut ids = Vec::new();
-        while let Some(d) = b.get(&self.dlq).await {
-            ids.push(
-                d.properties
-                    .message_id()
-                    .as_ref()
-                    .map(|s| s.as_str().to_owned())
-                    .unwrap_or_default(),
-            );
-        }
-        ids
+        b.drain_ids(&self.dlq).await
     }
 
     /// Deletes both queues.

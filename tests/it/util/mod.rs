@@ -28,7 +28,7 @@ pub mod plugins;
 pub mod proxy;
 pub mod recorder;
 
-pub use broker::{Broker, broker, cluster, field_table, unique};
+pub use broker::{Broker, broker, cluster, field_table, message_id, unique};
 pub use fm::{Fm, FmOutput, FmProcess, fm_bin};
 pub use plugins::{build_c, build_c_plugin, build_c_plugin_with, plugin_path};
 
