@@ -58,20 +58,27 @@ pub(super) async fn run(
     let stop = ctx.shutdown.token().child_token();
     let tracker = TaskTracker::new();
     let mut loops = tokio::task::JoinSet::new();
+    // `[callback] queue_concurrency` below `concurrency`: each queue has slots of its own too.
+    let per_queue = ctx.config.callback.per_queue();
+    let limited = per_queue < ctx.config.callback.concurrency.max(1);
     for (channel, consumer, queue) in &consumers {
+        let own = limited.then(|| Arc::new(Semaphore::new(per_queue)));
         let run = || {
             consume_loop(
                 consumer.clone(),
                 channel.clone(),
                 Arc::from(queue.name.as_str()),
                 Arc::clone(ctx),
-                Arc::clone(permits),
+                Slots {
+                    all: Arc::clone(permits),
+                    queue: own.clone(),
+                },
                 stop.clone(),
                 tracker.clone(),
             )
         };
         if matches!(ctx.handler.dispatch(), Dispatch::Thread(_)) {
-            for _ in 0..ctx.config.callback.concurrency.max(1) {
+            for _ in 0..per_queue {
                 loops.spawn(on_own_thread(run(), stop.clone()));
             }
         } else {
@@ -196,11 +203,11 @@ async fn register(
     Ok((channel, consumer))
 }
 
-/// The prefetch count: the configured one, raised to the concurrency so every slot can work
-/// (0 means "no limit" in AMQP and stays 0).
+/// The prefetch count: the configured one, raised to the concurrency a queue may use so every
+/// slot can work (0 means "no limit" in AMQP and stays 0).
 fn effective_prefetch(config: &Config) -> u16 {
     let count = config.qos.prefetch_count;
-    let concurrency = u16::try_from(config.callback.concurrency).unwrap_or(u16::MAX);
+    let concurrency = u16::try_from(config.callback.per_queue()).unwrap_or(u16::MAX);
     if count == 0 {
         0
     } else {
@@ -236,12 +243,19 @@ async fn on_own_thread(
     }
 }
 
+/// The concurrency slots a queue's messages take: one of the process's, and one of the queue's
+/// own when `[callback] queue_concurrency` gives it a smaller limit.
+struct Slots {
+    all: Arc<Semaphore>,
+    queue: Option<Arc<Semaphore>>,
+}
+
 async fn consume_loop(
     mut consumer: Consumer,
     channel: Channel,
     queue: Arc<str>,
     ctx: Arc<Context>,
-    permits: Arc<Semaphore>,
+    slots: Slots,
     stop: CancellationToken,
     tracker: TaskTracker,
 ) -> End {
@@ -263,11 +277,20 @@ async fn consume_loop(
         // The thread's work counts as in flight from before it waits for a slot, so that a stop
         // racing with a delivery never closes the channel under a message being handled.
         let _working = own_thread.then(|| tracker.token());
+        // The queue's own slot first, so that a queue at its limit holds none of the others'.
+        let mut own = None;
         let permit = if matches!(next, Some(Ok(_))) {
+            if let Some(mine) = &slots.queue {
+                tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return End::Stopped,
+                    p = Arc::clone(mine).acquire_owned() => own = Some(p.expect("the semaphore is never closed")),
+                }
+            }
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => return End::Stopped,
-                p = Arc::clone(&permits).acquire_owned() => Some(p.expect("the semaphore is never closed")),
+                p = Arc::clone(&slots.all).acquire_owned() => Some(p.expect("the semaphore is never closed")),
             }
         } else {
             None
@@ -282,6 +305,11 @@ async fn consume_loop(
                     permit.expect("a slot is taken for every delivery"),
                     dispatch.clone(),
                 );
+                // The queue's slot is held until the message is settled.
+                let handling = async move {
+                    handling.await;
+                    drop(own);
+                };
                 match dispatch {
                     Dispatch::Thread(_) => handling.await,
                     Dispatch::Task => {

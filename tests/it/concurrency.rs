@@ -232,3 +232,62 @@ async fn a_plugin_runs_concurrently_only_when_thread_safe() {
     s.cleanup(&b).await;
     b.delete_exchange(&exchange).await;
 }
+
+/// `[callback] queue_concurrency = 1` with `concurrency = 4` (issue 15): fedora-messaging's
+/// model, each queue's messages one after the other while the queues run side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_concurrency_limits_each_queue_not_the_others() {
+    let Some(b) = util::broker() else { return };
+    let a = Setup::new(&b, "conc-perq-a").await;
+    let other = Setup::new(&b, "conc-perq-b").await;
+    let (a1, a2) = (
+        a.publish(&b, "gate", json!({})).await,
+        a.publish(&b, "gate", json!({})).await,
+    );
+    let b1 = other.publish(&b, "gate", json!({})).await;
+    let second_queue = format!(
+        "[queues.\"{q}\"]\ndurable = true\nauto_delete = false\nexclusive = false\n\
+         arguments = {{\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"}}\n\n\
+         [[bindings]]\nqueue = \"{q}\"\nexchange = \"amq.topic\"\nrouting_keys = [\"{q}.#\"]\n",
+        q = other.queue,
+        dlq = other.dlq,
+    );
+    let config = a.fm_config(
+        &format!(
+            "command = [\"{}\"]\nconcurrency = 4\nqueue_concurrency = 1",
+            fixture("exec.sh").display()
+        ),
+        &second_queue,
+    );
+    // Both queues' evidence goes to the first queue's folder.
+    let mut fm = a.fm(&config).spawn();
+    let waiting = |id: &str| a.out(&format!("{id}.waiting")).exists();
+    util::eventually(Duration::from_secs(20), async || {
+        if waiting(&a1) && waiting(&b1) {
+            Ok(())
+        } else {
+            Err("the first message of each queue is not running yet")
+        }
+    })
+    .await;
+    // The second message of the first queue waits for the first, though two slots are free.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting(&a2), "two messages of one queue ran at once");
+    std::fs::write(a.out(&format!("{a1}.go")), "").unwrap();
+    util::eventually(Duration::from_secs(20), async || {
+        if waiting(&a2) {
+            Ok(())
+        } else {
+            Err("the queue's second message did not start after its first")
+        }
+    })
+    .await;
+    for id in [&a2, &b1] {
+        std::fs::write(a.out(&format!("{id}.go")), "").unwrap();
+    }
+    wait_settled(&mut fm, 3).await;
+    fm.kill("TERM");
+    fm.wait().await.assert_code(0);
+    a.cleanup(&b).await;
+    other.cleanup(&b).await;
+}
