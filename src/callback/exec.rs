@@ -116,13 +116,7 @@ impl Exec {
         input.push(b'\n');
         let (stdin, rest) = match stdin_pipe(&input) {
             Ok(pipe) => pipe,
-            Err(e) => {
-                return on_failure(
-                    self.on_error,
-                    id,
-                    format!("cannot make a pipe for '{}': {e}", self.argv[0]),
-                );
-            }
+            Err(e) => return self.cannot_start(id, e).await,
         };
         let mut cmd = Command::new(&self.argv[0]);
         cmd.args(&self.argv[1..])
@@ -148,26 +142,7 @@ impl Exec {
         drop(cmd);
         let mut child = match spawned {
             Ok(child) => child,
-            Err(e) if out_of_resources(&e) => {
-                // Not the command's fault nor the message's: fm is out of file descriptors or
-                // processes (issue 17: idle monitoring connections once exhausted them). Back
-                // off, and let the message come again.
-                tracing::warn!(
-                    "cannot start '{}' for message {id}: {e}; returning the message to the \
-                     queue and pausing {} s",
-                    self.argv[0],
-                    RESOURCE_PAUSE.as_secs()
-                );
-                tokio::time::sleep(RESOURCE_PAUSE).await;
-                return Outcome::Nack;
-            }
-            Err(e) => {
-                return on_failure(
-                    self.on_error,
-                    id,
-                    format!("cannot start '{}': {e}", self.argv[0]),
-                );
-            }
+            Err(e) => return self.cannot_start(id, e).await,
         };
         let pid = child.id();
         // If this future is dropped before the program ends (fm abandoning in-flight messages
@@ -267,6 +242,31 @@ impl Exec {
                 ),
             },
         }
+    }
+}
+
+impl Exec {
+    /// The program could not be started for message `id` (making its stdin pipe or spawning it
+    /// failed with `e`).
+    async fn cannot_start(&self, id: &str, e: io::Error) -> Outcome {
+        if out_of_resources(&e) {
+            // Not the command's fault nor the message's: fm is out of file descriptors or
+            // processes (issue 17: idle monitoring connections once exhausted them). Back
+            // off, and let the message come again.
+            tracing::warn!(
+                "cannot start '{}' for message {id}: {e}; returning the message to the \
+                 queue and pausing {} s",
+                self.argv[0],
+                RESOURCE_PAUSE.as_secs()
+            );
+            tokio::time::sleep(RESOURCE_PAUSE).await;
+            return Outcome::Nack;
+        }
+        on_failure(
+            self.on_error,
+            id,
+            format!("cannot start '{}': {e}", self.argv[0]),
+        )
     }
 }
 
