@@ -54,11 +54,6 @@ impl PyStr {
         std::str::from_utf8(&self.0).ok()
     }
 
-    /// The code points (surrogates included).
-    fn chars(&self) -> impl Iterator<Item = u32> + '_ {
-        code_points(&self.0)
-    }
-
     fn push(&mut self, code: u32) {
         match char::from_u32(code) {
             Some(c) => self
@@ -604,7 +599,7 @@ fn write_str(out: &mut String, s: &PyStr, ensure_ascii: bool) {
         out.push_str(std::str::from_utf8(&rest[..plain]).expect("printable ASCII is UTF-8"));
         rest = &rest[plain..];
         let Some(&first) = rest.first() else { break };
-        // One code point the careful way; its length as `PyStr::chars` reads it.
+        // One code point the careful way; its length as `code_points` reads it.
         let len = match first {
             0..=0x7f => 1,
             0xc0..=0xdf => 2,
