@@ -542,6 +542,18 @@ def scale_queue_config(url, n, name, callback_extra=""):
     return write_config(name, text), ",".join(names)
 
 
+def run_ratio(row, a, b):
+    """The median of the runs' a/b ratios (each run's pair measured in the same round); None
+    when no run had both."""
+    return med([x / y for x, y in zip(row[a], row[b]) if x and y])
+
+
+def append_all(row, **values):
+    """Add one run's figures to the lists of a table row."""
+    for key, value in values.items():
+        row[key].append(value)
+
+
 def scale_section(url, rounds, parts):
     """Issue 15, section 3: fm's cost as queues, message sizes and message counts grow."""
     out, data = ["### Cost as work grows (issue 15, section 3)", ""], {}
@@ -568,11 +580,8 @@ def scale_section(url, rounds, parts):
                                              total, exits=True, queues=queues))
                 row = per.setdefault(n, {"ready_ms": [], "rss_kib": [], "rate": [], "base": [],
                                          "perq": []})
-                row["perq"].append(pq["rate"])
-                row["ready_ms"].append(ready["ready_ms"])
-                row["rss_kib"].append(ready["rss_kib"])
-                row["rate"].append(fm["rate"])
-                row["base"].append(base["rate"])
+                append_all(row, perq=pq["rate"], ready_ms=ready["ready_ms"],
+                           rss_kib=ready["rss_kib"], rate=fm["rate"], base=base["rate"])
                 log(f"round {r + 1}: {n:>3} queues: READY {ready['ready_ms']:.0f} ms, idle "
                     f"{ready['rss_kib']} KiB, {fm['rate']:.0f} msg/s, per-queue "
                     f"{pq['rate']:.0f} msg/s (bare {base['rate']:.0f})")
@@ -583,11 +592,10 @@ def scale_section(url, rounds, parts):
                 "queues, queue_concurrency 1 | × bare |",
                 "|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for n, row in per.items():
-            ratios = [a / b for a, b in zip(row["rate"], row["base"])]
-            pq_ratios = [a / b for a, b in zip(row["perq"], row["base"])]
             out.append(f"| {n} | {med(row['ready_ms']):.1f} | {med(row['rss_kib']):,.0f} | "
                        f"{med(row['base']):,.0f} | {med(row['rate']):,.0f} | "
-                       f"{med(ratios):.2f} | {med(row['perq']):,.0f} | {med(pq_ratios):.2f} |")
+                       f"{run_ratio(row, 'rate', 'base'):.2f} | {med(row['perq']):,.0f} | "
+                       f"{run_ratio(row, 'perq', 'base'):.2f} |")
         out.append("")
         data["queues"] = per
     if "sizes" in parts:
@@ -607,10 +615,8 @@ def scale_section(url, rounds, parts):
                     row = per.setdefault(f"{size}/{prefetch}", {
                         "label": label, "size": size, "prefetch": prefetch, "count": count,
                         "rate": [], "base": [], "hwm": [], "base_hwm": []})
-                    row["rate"].append(fm["rate"])
-                    row["base"].append(base["rate"])
-                    row["hwm"].append(fm["hwm_kib"])
-                    row["base_hwm"].append(base["hwm_kib"])
+                    append_all(row, rate=fm["rate"], base=base["rate"], hwm=fm["hwm_kib"],
+                               base_hwm=base["hwm_kib"])
                     log(f"round {r + 1}: {label:>6} prefetch {prefetch:>3}: "
                         f"{fm['rate'] * size / 1e6:.1f} MB/s (bare "
                         f"{base['rate'] * size / 1e6:.1f}), peak {fm['hwm_kib']} KiB "
@@ -623,12 +629,12 @@ def scale_section(url, rounds, parts):
             mb = row["size"] / 1e6
             # A queue that fits in the prefetch window leaves it at once: the watcher sees no
             # steady state to time (rate 0), only the memory figures count then.
-            ratios = [a / b for a, b in zip(row["rate"], row["base"]) if a and b]
+            ratio = run_ratio(row, "rate", "base")
             rate, base = med([x for x in row["rate"] if x]), med([x for x in row["base"] if x])
             out.append(f"| {row['label']} | {row['prefetch']} | {row['count']:,} | "
                        f"{'—' if rate is None else f'{rate * mb:,.1f}'} | "
                        f"{'—' if base is None else f'{base * mb:,.1f}'} | "
-                       f"{f'{med(ratios):.2f}' if ratios else '—'} | {med(row['hwm']):,.0f} | "
+                       f"{'—' if ratio is None else f'{ratio:.2f}'} | {med(row['hwm']):,.0f} | "
                        f"{med(row['base_hwm']):,.0f} | "
                        f"{row['prefetch'] * row['size'] // 1024:,} |")
         out.append("")
@@ -691,9 +697,8 @@ def scale_section(url, rounds, parts):
                 "|---|---:|---:|---:|---:|---:|"]
         for size, row in per.items():
             mb = size / 1e6
-            ratios = [a / b for a, b in zip(row["fm"], row["base"])]
             out.append(f"| {row['label']} | {row['count']:,} | {med(row['fm']) * mb:,.1f} | "
-                       f"{med(row['base']) * mb:,.1f} | {med(ratios):.2f} | "
+                       f"{med(row['base']) * mb:,.1f} | {run_ratio(row, 'fm', 'base'):.2f} | "
                        f"{med(row['hwm']):,.0f} |")
         out.append("")
         data["publish"] = per
