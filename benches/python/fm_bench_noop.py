@@ -7,7 +7,15 @@ what carries the message to it. Like ``fedora_messaging.example:printer`` it is 
 ``fedora_messaging.message.Message``; unlike it, it prints nothing.
 """
 
+import time
+
 
 def noop(message):
     """Accept the message (returning normally acks it)."""
     return None
+
+
+def sleep(message):
+    """Wait 10 ms, as a callback waiting on a database or a web service does, then accept the
+    message (the latency section of scripts/bench)."""
+    time.sleep(0.01)

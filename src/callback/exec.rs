@@ -31,16 +31,18 @@
 //! line by line with a bound, killing a process group, and mapping a failure onto `on_error`.
 
 use std::collections::VecDeque;
-use std::io;
+use std::io::{self, Write as _};
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, AsyncWriteExt, BufReader};
-use tokio::process::Command;
+use tokio::process::{ChildStderr, ChildStdout, Command};
 
 use super::Outcome;
 use crate::config::{Config, ExecStdout, OnError};
@@ -118,6 +120,20 @@ impl Exec {
             );
             return Outcome::Drop;
         }
+        // The message goes in through a pipe fm fills before the program starts (see
+        // `stdin_pipe`): what fits in the pipe's buffer needs no task and no epoll registration.
+        let input = if msg.raw {
+            msg.raw_body.clone()
+        } else {
+            let mut line = Vec::with_capacity(msg.record.len() + 1);
+            line.extend_from_slice(msg.record.as_bytes());
+            line.push(b'\n');
+            line
+        };
+        let (stdin, rest) = match stdin_pipe(&input) {
+            Ok(pipe) => pipe,
+            Err(e) => return self.cannot_start(id, e).await,
+        };
         let mut cmd = Command::new(&self.argv[0]);
         cmd.args(&self.argv[1..])
             .env("FM_TOPIC", &m.topic)
@@ -132,61 +148,43 @@ impl Exec {
             )
             .env("FM_CONSUMER_CONFIG", &self.consumer_config)
             .env("FM_RAW_BODY", if msg.raw { "true" } else { "false" })
-            .stdin(Stdio::piped())
+            .stdin(Stdio::from(stdin))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
-        let mut child = match cmd.spawn() {
+        let spawned = cmd.spawn();
+        // The command holds fm's copy of the stdin pipe's read end: closed now, so that a
+        // program that exits without reading makes the writer's next write fail at once.
+        drop(cmd);
+        let mut child = match spawned {
             Ok(child) => child,
-            Err(e) if out_of_resources(&e) => {
-                // Not the command's fault nor the message's: fm is out of file descriptors or
-                // processes (issue 17: idle monitoring connections once exhausted them). Back
-                // off, and let the message come again.
-                tracing::warn!(
-                    "cannot start '{}' for message {id}: {e}; returning the message to the \
-                     queue and pausing {} s",
-                    self.argv[0],
-                    RESOURCE_PAUSE.as_secs()
-                );
-                tokio::time::sleep(RESOURCE_PAUSE).await;
-                return Outcome::Nack;
-            }
-            Err(e) => {
-                return on_failure(
-                    self.on_error,
-                    id,
-                    format!("cannot start '{}': {e}", self.argv[0]),
-                );
-            }
+            Err(e) => return self.cannot_start(id, e).await,
         };
         let pid = child.id();
         // If this future is dropped before the program ends (fm abandoning in-flight messages
         // at shutdown_timeout), its whole group goes, not just the program.
         let mut guard = GroupGuard(pid);
 
-        // The message goes in from a task of its own: a program may write a lot before it reads
-        // (or never read at all), and the pipes must keep draining meanwhile.
-        let input = if msg.raw {
-            msg.raw_body.clone()
-        } else {
-            let mut line = Vec::with_capacity(msg.record.len() + 1);
-            line.extend_from_slice(msg.record.as_bytes());
-            line.push(b'\n');
-            line
-        };
-        let stdin = child.stdin.take();
-        let writer = tokio::spawn(async move {
-            let Some(mut stdin) = stdin else { return };
-            match stdin.write_all(&input).await {
-                // The program exited or closed stdin without reading it all: its choice.
-                Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
-                Err(e) => tracing::debug!("writing the message to the command: {e}"),
-                Ok(()) => {}
-            }
-            // Dropping stdin closes it: the program sees end-of-file.
+        // What did not fit in the pipe goes in from a task of its own: a program may write a
+        // lot before it reads (or never read at all), and the pipes must keep draining
+        // meanwhile.
+        let writer = rest.map(|(pipe, written)| {
+            tokio::spawn(async move {
+                let mut pipe = match tokio::net::unix::pipe::Sender::from_owned_fd(pipe) {
+                    Ok(pipe) => pipe,
+                    Err(e) => return tracing::debug!("writing the message to the command: {e}"),
+                };
+                match pipe.write_all(&input[written..]).await {
+                    // The program exited or closed stdin without reading it all: its choice.
+                    Err(e) if e.kind() == io::ErrorKind::BrokenPipe => {}
+                    Err(e) => tracing::debug!("writing the message to the command: {e}"),
+                    Ok(()) => {}
+                }
+                // Dropping the pipe closes it: the program sees end-of-file.
+            })
         });
-        let mut output = Vec::with_capacity(2);
+        // A request's stdout is its reply when `reply = "stdout"`: read whole, not logged.
         let capture = self.stdout == ExecStdout::Reply && msg.reply_to.is_some();
         let reply = if capture {
             child
@@ -196,52 +194,63 @@ impl Exec {
         } else {
             None
         };
-        for (stream, pipe) in [
-            // Taken already when captured as the reply.
-            ("stdout", child.stdout.take().map(boxed)),
-            ("stderr", child.stderr.take().map(boxed)),
-        ] {
-            let Some(pipe) = pipe else { continue };
-            let (name, id) = (self.name.clone(), id.to_owned());
-            output.push(tokio::spawn(forward_lines(pipe, move |line| {
-                tracing::info!(target: "fm::callback", message_id = %id, "{name} {stream}: {line}");
-            })));
-        }
-
-        let status = match self.timeout {
-            None => child.wait().await,
-            Some(limit) => match tokio::time::timeout(limit, child.wait()).await {
-                Ok(status) => status,
-                Err(_) => {
-                    // Kill the group first (its leader is not reaped yet, so its id is still
-                    // ours), then reap the leader.
-                    kill_group(pid);
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    guard.0 = None;
-                    writer.abort();
-                    return on_failure(
-                        self.on_error,
-                        id,
-                        format!(
-                            "'{}' did not finish within the {:.1} s timeout and was killed",
-                            self.name,
-                            limit.as_secs_f64()
-                        ),
-                    );
+        // stdout (unless taken as the reply) and stderr are read here, in this task, both at
+        // once while the program runs: no task per stream.
+        let output = forward_output(
+            child.stdout.take(),
+            child.stderr.take(),
+            Arc::from(self.name.as_str()),
+            Arc::from(id),
+        );
+        let mut output = Box::pin(output);
+        let mut output_done = false;
+        let wait = async {
+            match self.timeout {
+                None => Ok(child.wait().await),
+                Some(limit) => tokio::time::timeout(limit, child.wait()).await,
+            }
+        };
+        let waited = {
+            let mut wait = std::pin::pin!(wait);
+            loop {
+                tokio::select! {
+                    waited = &mut wait => break waited,
+                    () = &mut output, if !output_done => output_done = true,
                 }
-            },
+            }
+        };
+        let abort_writer = || {
+            if let Some(writer) = &writer {
+                writer.abort();
+            }
+        };
+        let status = match waited {
+            Ok(status) => status,
+            Err(_) => {
+                // Kill the group first (its leader is not reaped yet, so its id is still
+                // ours), then reap the leader.
+                kill_group(pid);
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                guard.0 = None;
+                abort_writer();
+                finish_output(output, output_done).await;
+                return on_failure(
+                    self.on_error,
+                    id,
+                    format!(
+                        "'{}' did not finish within the {:.1} s timeout and was killed",
+                        self.name,
+                        self.timeout.unwrap_or_default().as_secs_f64()
+                    ),
+                );
+            }
         };
         // Reaped: its id is no longer ours to kill.
         guard.0 = None;
         // A background process may still hold stdin open and not read: stop trying.
-        writer.abort();
-        let _ = tokio::time::timeout(OUTPUT_GRACE, async {
-            for task in output {
-                let _ = task.await;
-            }
-        })
-        .await;
+        abort_writer();
+        finish_output(output, output_done).await;
 
         let reply = match reply {
             None => None,
@@ -304,6 +313,31 @@ async fn read_reply(stdout: impl AsyncRead + Unpin) -> Result<Vec<u8>, String> {
     Ok(reply)
 }
 
+impl Exec {
+    /// The program could not be started for message `id` (making its stdin pipe or spawning it
+    /// failed with `e`).
+    async fn cannot_start(&self, id: &str, e: io::Error) -> Outcome {
+        if out_of_resources(&e) {
+            // Not the command's fault nor the message's: fm is out of file descriptors or
+            // processes (issue 17: idle monitoring connections once exhausted them). Back
+            // off, and let the message come again.
+            tracing::warn!(
+                "cannot start '{}' for message {id}: {e}; returning the message to the \
+                 queue and pausing {} s",
+                self.argv[0],
+                RESOURCE_PAUSE.as_secs()
+            );
+            tokio::time::sleep(RESOURCE_PAUSE).await;
+            return Outcome::Nack;
+        }
+        on_failure(
+            self.on_error,
+            id,
+            format!("cannot start '{}': {e}", self.argv[0]),
+        )
+    }
+}
+
 /// Kills a process group when dropped, unless disarmed (`.0 = None`) once its leader is reaped.
 struct GroupGuard(Option<u32>);
 
@@ -315,8 +349,70 @@ impl Drop for GroupGuard {
     }
 }
 
-fn boxed<R: AsyncRead + Send + Unpin + 'static>(r: R) -> Box<dyn AsyncRead + Send + Unpin> {
-    Box::new(r)
+/// The program's stdin: a pipe already holding as much of `input` as its buffer takes (64 KiB
+/// by default on Linux, all of a usual message), with its write end closed when all of it
+/// went in. Otherwise the write end comes back, non-blocking, with the number of bytes
+/// written, for a task to write the rest while the program runs.
+fn stdin_pipe(input: &[u8]) -> io::Result<(std::io::PipeReader, Option<(OwnedFd, usize)>)> {
+    let (reader, mut writer) = std::io::pipe()?;
+    rustix::io::ioctl_fionbio(&writer, true)?;
+    let mut written = 0;
+    while written < input.len() {
+        match writer.write(&input[written..]) {
+            Ok(n) => written += n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                return Ok((reader, Some((OwnedFd::from(writer), written))));
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok((reader, None))
+}
+
+/// Log the program's stdout and stderr line by line, tagged with the message id, until both
+/// are closed: one future for both streams, polled by the task that runs the program.
+async fn forward_output(
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+    name: Arc<str>,
+    id: Arc<str>,
+) {
+    let log = |stream: &'static str| {
+        let (name, id) = (Arc::clone(&name), Arc::clone(&id));
+        move |line: &str| {
+            tracing::info!(target: "fm::callback", message_id = %id, "{name} {stream}: {line}");
+        }
+    };
+    let stdout = async {
+        if let Some(pipe) = stdout {
+            forward_lines(pipe, log("stdout")).await;
+        }
+    };
+    let stderr = async {
+        if let Some(pipe) = stderr {
+            forward_lines(pipe, log("stderr")).await;
+        }
+    };
+    tokio::join!(stdout, stderr);
+}
+
+/// After the program ended: wait up to [`OUTPUT_GRACE`] for the rest of its output; output held
+/// open longer (by a background process it left behind) is still logged, from a task of its
+/// own, just after the outcome.
+async fn finish_output(
+    mut output: Pin<Box<impl Future<Output = ()> + Send + 'static>>,
+    done: bool,
+) {
+    if done {
+        return;
+    }
+    if tokio::time::timeout(OUTPUT_GRACE, &mut output)
+        .await
+        .is_err()
+    {
+        tokio::spawn(output);
+    }
 }
 
 /// What an unexpected failure of the callback does, as `[callback] on_error` says.

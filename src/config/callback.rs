@@ -70,6 +70,7 @@ impl<'t> Parser<'t> {
             mode: Option<Spanned<String>>,
             interpreter: Option<Spanned<String>>,
             concurrency: Option<Spanned<i64>>,
+            queue_concurrency: Option<Spanned<i64>>,
             #[serde(rename = "timeout")]
             _timeout: Option<serde::de::IgnoredAny>,
             on_error: Option<Spanned<String>>,
@@ -166,20 +167,25 @@ impl<'t> Parser<'t> {
             kind,
             ..CallbackConfig::default()
         };
-        if let Some(n) = raw.concurrency {
-            cb.concurrency = usize::try_from(*n.get_ref())
+        let slots = |key: &str, n: &Spanned<i64>| {
+            usize::try_from(*n.get_ref())
                 .ok()
                 .filter(|n| (1..=MAX_CONCURRENCY).contains(n))
                 .ok_or_else(|| {
                     self.err(
                         n.span(),
                         format!(
-                            "[callback] concurrency must be between 1 and {MAX_CONCURRENCY}, \
-                             not {}",
+                            "[callback] {key} must be between 1 and {MAX_CONCURRENCY}, not {}",
                             n.get_ref()
                         ),
                     )
-                })?;
+                })
+        };
+        if let Some(n) = &raw.concurrency {
+            cb.concurrency = slots("concurrency", n)?;
+        }
+        if let Some(n) = &raw.queue_concurrency {
+            cb.queue_concurrency = Some(slots("queue_concurrency", n)?);
         }
         if let Some(t) = table.get("timeout") {
             if matches!(cb.kind, Some(CallbackKind::Plugin { .. })) {
@@ -326,6 +332,16 @@ mod tests {
         );
         assert_eq!(c.callback.concurrency, 4);
         assert_eq!(c.callback.on_error, OnError::Drop);
+        assert_eq!(c.callback.queue_concurrency, None);
+        assert_eq!(c.callback.per_queue(), 4);
+
+        // fedora-messaging's model: each queue one at a time, queues side by side; a per-queue
+        // limit above the process-wide one is the process-wide one.
+        let c = parse("[callback]\ncommand = [\"x\"]\nconcurrency = 3\nqueue_concurrency = 1");
+        assert_eq!(c.callback.queue_concurrency, Some(1));
+        assert_eq!(c.callback.per_queue(), 1);
+        let c = parse("[callback]\ncommand = [\"x\"]\nconcurrency = 2\nqueue_concurrency = 8");
+        assert_eq!(c.callback.per_queue(), 2);
 
         let c = parse(
             "[callback]\ncommand = [\"/bin/cat\", \"-u\"]\ntimeout = 1.5\nmax_redeliveries = 3",
@@ -446,6 +462,11 @@ mod tests {
             (
                 "command = [\"x\"]\nconcurrency = 0",
                 "concurrency must be between 1 and 1024, not 0",
+            ),
+            (
+                "command = [\"x\"]\nqueue_concurrency = 2000",
+                "line 3, column 21: [callback] queue_concurrency must be between 1 and 1024, not \
+                 2000",
             ),
             (
                 "command = [\"x\"]\non_error = \"ignore\"",

@@ -213,6 +213,15 @@ impl Default for LogConfig {
 /// a thousand is already more than a callback waiting on a database or a web service needs.
 pub const MAX_CONCURRENCY: usize = 1024;
 
+impl CallbackConfig {
+    /// How many messages of one queue may be handled at once: `queue_concurrency` within
+    /// `concurrency`.
+    pub fn per_queue(&self) -> usize {
+        let all = self.concurrency.max(1);
+        self.queue_concurrency.map_or(all, |n| n.clamp(1, all))
+    }
+}
+
 /// `callback` (a string) or `[callback]` (a table, fm): what handles each message.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CallbackConfig {
@@ -220,6 +229,10 @@ pub struct CallbackConfig {
     pub kind: Option<CallbackKind>,
     /// How many messages are handled at once, across all queues (fm); fedora-messaging handles one per queue.
     pub concurrency: usize,
+    /// How many messages of one queue are handled at once (fm), within `concurrency`; `None`: no
+    /// limit of its own. `1` gives fedora-messaging's model: each queue in order, queues side by
+    /// side.
+    pub queue_concurrency: Option<usize>,
     /// Per-message time limit for command and Python callbacks (fm).
     pub timeout: Option<Duration>,
     /// What an unexpected callback failure does (fm); `Halt` is fedora-messaging's behaviour.
@@ -237,6 +250,7 @@ impl Default for CallbackConfig {
         CallbackConfig {
             kind: None,
             concurrency: 1,
+            queue_concurrency: None,
             timeout: None,
             on_error: OnError::Halt,
             max_redeliveries: None,
@@ -662,6 +676,7 @@ mod tests {
             "python",
             "interpreter",
             "concurrency",
+            "queue_concurrency",
             "timeout",
             "on_error",
             "max_redeliveries",

@@ -11,8 +11,9 @@
 //! - callback outcomes: ack, `Nack` → requeue, `Drop` → nack without requeue, `Halt` → ack or
 //!   requeue then stop with its exit code, any other failure → requeue it and every
 //!   prefetched message, exit 13;
-//! - messages are handled one at a time unless `[callback] concurrency` says otherwise; the
-//!   callback never runs on the runtime's threads, so heartbeats flow during a long callback.
+//! - messages are handled one at a time unless `[callback] concurrency` says otherwise (slots
+//!   shared by all queues; `queue_concurrency` caps what one queue takes); the callback never
+//!   runs on the runtime's threads, so heartbeats flow during a long callback.
 //!
 //! Unlike fedora-messaging (its issues #208, #221, #574), a lost connection is never the end:
 //! fm reconnects with capped, jittered exponential backoff, declares everything again and

@@ -232,3 +232,99 @@ async fn a_plugin_runs_concurrently_only_when_thread_safe() {
     s.cleanup(&b).await;
     b.delete_exchange(&exchange).await;
 }
+
+/// `[callback] queue_concurrency = 1` with `concurrency = 4` (issue 15): fedora-messaging's
+/// model, each queue's messages one after the other while the queues run side by side.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn queue_concurrency_limits_each_queue_not_the_others() {
+    let Some(b) = util::broker() else { return };
+    let a = Setup::new(&b, "conc-perq-a").await;
+    let other = Setup::new(&b, "conc-perq-b").await;
+    let (a1, a2) = (
+        a.publish(&b, "gate", json!({})).await,
+        a.publish(&b, "gate", json!({})).await,
+    );
+    let b1 = other.publish(&b, "gate", json!({})).await;
+    let config = a.fm_config(
+        &format!(
+            "command = [\"{}\"]\nconcurrency = 4\nqueue_concurrency = 1",
+            fixture("exec.sh").display()
+        ),
+        &second_queue(&other),
+    );
+    // Both queues' evidence goes to the first queue's folder.
+    let mut fm = a.fm(&config).spawn();
+    let waiting = |id: &str| a.out(&format!("{id}.waiting")).exists();
+    util::eventually(Duration::from_secs(20), async || {
+        if waiting(&a1) && waiting(&b1) {
+            Ok(())
+        } else {
+            Err("the first message of each queue is not running yet")
+        }
+    })
+    .await;
+    // The second message of the first queue waits for the first, though two slots are free.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(!waiting(&a2), "two messages of one queue ran at once");
+    std::fs::write(a.out(&format!("{a1}.go")), "").unwrap();
+    util::eventually(Duration::from_secs(20), async || {
+        if waiting(&a2) {
+            Ok(())
+        } else {
+            Err("the queue's second message did not start after its first")
+        }
+    })
+    .await;
+    for id in [&a2, &b1] {
+        std::fs::write(a.out(&format!("{id}.go")), "").unwrap();
+    }
+    wait_settled(&mut fm, 3).await;
+    fm.kill("TERM");
+    fm.wait().await.assert_code(0);
+    a.cleanup(&b).await;
+    other.cleanup(&b).await;
+}
+
+/// The tables that add `s`'s queue to a config made by another `Setup`'s `fm_config`.
+fn second_queue(s: &Setup) -> String {
+    format!(
+        "[queues.\"{q}\"]\ndurable = true\nauto_delete = false\nexclusive = false\n\
+         arguments = {{\"x-dead-letter-exchange\" = \"\", \"x-dead-letter-routing-key\" = \"{dlq}\"}}\n\n\
+         [[bindings]]\nqueue = \"{q}\"\nexchange = \"amq.topic\"\nrouting_keys = [\"{q}.#\"]\n",
+        q = s.queue,
+        dlq = s.dlq,
+    )
+}
+
+/// A plugin's consume threads (one per queue per slot) outnumbering tokio's blocking pool (512
+/// threads) (issue 15): they were blocking-pool threads, so the second queue's loops never
+/// started and its messages were never handled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plugin_threads_beyond_the_blocking_pool_all_consume() {
+    let Some(b) = util::broker() else { return };
+    let src = util::repo_root().join("tests/fixtures/plugins/roundtrip.c");
+    let safe = util::build_c_plugin_with(&src, &["-DROUNDTRIP_FLAGS=FM_PLUGIN_THREAD_SAFE"]);
+    let first = Setup::new(&b, "conc-many-a").await;
+    let second = Setup::new(&b, "conc-many-b").await;
+    // The plugin acts on the whole topic: route "ack" to both queues through an exchange.
+    let exchange = util::unique("conc-many");
+    b.declare_topic_exchange(&exchange).await;
+    b.bind(&first.queue, &exchange, "#").await;
+    b.bind(&second.queue, &exchange, "#").await;
+    for _ in 0..3 {
+        b.publish_fedora(&exchange, "ack", &json!({})).await;
+    }
+    let config = first.fm_config(
+        &format!("plugin = \"{}\"\nconcurrency = 600", safe.display()),
+        &second_queue(&second),
+    );
+    let mut fm = first.fm(&config).spawn();
+    // Three messages on each queue.
+    wait_settled(&mut fm, 6).await;
+    b.wait_for_depth(&second.queue, 0).await;
+    fm.kill("TERM");
+    fm.wait().await.assert_code(0);
+    first.cleanup(&b).await;
+    second.cleanup(&b).await;
+    b.delete_exchange(&exchange).await;
+}

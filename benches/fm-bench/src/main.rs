@@ -12,14 +12,17 @@
 //! - `consume URL QUEUE PREFETCH COUNT`: **the consume baseline**. `basic.qos(PREFETCH)`, one
 //!   consumer, and for each delivery `basic.ack` (one per message, `multiple = false`), awaited
 //!   before the next delivery is looked at: the loop of lapin's own examples. Exits after COUNT
-//!   acks (0: never).
-//! - `publish URL COUNT WINDOW`: **the publish baseline**. Confirm mode, COUNT persistent,
+//!   acks (0: never). QUEUE may be a comma-separated list: then one channel and consumer per
+//!   queue, as fm has, and COUNT acks in all.
+//! - `publish URL COUNT WINDOW [SIZE]`: **the publish baseline**. Confirm mode, COUNT persistent,
 //!   mandatory messages to `amq.topic` with the routing key `bench.publish`, at most WINDOW
 //!   unconfirmed at once (fm publish's window is 1000); every confirm is awaited and checked.
 //!   Bodies and headers are built in memory: no file is read, nothing is parsed.
-//! - `fill URL QUEUE COUNT`: declare the durable QUEUE (the settings the benchmark's fm and
-//!   fedora-messaging configurations declare it with), bind it to `amq.topic` with `bench.#`,
-//!   purge it, and publish COUNT messages to it as `publish` does.
+//! - `fill URL QUEUE COUNT [SIZE]`: declare the durable QUEUE (the settings the benchmark's fm
+//!   and fedora-messaging configurations declare it with), bind it to `amq.topic` (`fm-bench`
+//!   with `bench.#`, any other queue with `scale.QUEUE`, its own key), purge it, and publish
+//!   COUNT messages to it as `publish` does. QUEUE may be a comma-separated list: COUNT messages
+//!   each. SIZE is the body size in bytes (default 200).
 //! - `watch URL QUEUE COUNT TIMEOUT_S`: the one way every consumer is timed. Prints
 //!   `{"watching": true}` once QUEUE holds COUNT ready messages, then polls the ready count
 //!   (a passive `queue.declare`) every [`POLL`] until it is 0. `t_first` is the first poll that
@@ -27,9 +30,11 @@
 //!   that saw 0; the rate is the messages that left the queue between them divided by the time
 //!   between them. In that interval the broker keeps PREFETCH messages unacknowledged and sends
 //!   one more only when one is acked, so it is the consumer's steady ack rate, start-up excluded.
-//! - `depth URL QUEUE`: the ready count and the number of consumers, once.
-//! - `record-file COUNT PATH`: COUNT record-format lines (topic `bench.publish`) for the publish
-//!   runs of fm and fedora-messaging.
+//!   (QUEUE may be a comma-separated list: COUNT is then their total, and so is each poll.)
+//! - `depth URL QUEUE`: the ready count and the number of consumers, once (summed over a
+//!   comma-separated list).
+//! - `record-file COUNT PATH [SIZE]`: COUNT record-format lines (topic `bench.publish`) for the
+//!   publish runs of fm and fedora-messaging.
 //! - `connect-time URL QUEUE RUNS`: what the broker's side of a consumer start-up costs: the
 //!   AMQP handshake (TCP connect to `connection.open-ok`), then fm's set-up steps (declare the
 //!   queue, bind it, `basic.qos`, `basic.consume`), RUNS times.
@@ -65,17 +70,19 @@ const EXCHANGE: &str = "amq.topic";
 const FILL_KEY: &str = "bench.consume";
 /// The routing key of published messages.
 const PUBLISH_KEY: &str = "bench.publish";
+/// The benchmark queue (every other queue is one of the scale section's).
+const QUEUE: &str = "fm-bench";
 /// The binding of the benchmark queue.
 const BINDING: &str = "bench.#";
 /// How many messages `fill` keeps unconfirmed at once.
 const FILL_WINDOW: usize = 1000;
 
-const USAGE: &str = "usage: fm-bench consume URL QUEUE PREFETCH COUNT
-       fm-bench publish URL COUNT WINDOW
-       fm-bench fill URL QUEUE COUNT
-       fm-bench watch URL QUEUE COUNT TIMEOUT_S
-       fm-bench depth URL QUEUE
-       fm-bench record-file COUNT PATH
+const USAGE: &str = "usage: fm-bench consume URL QUEUE[,QUEUE...] PREFETCH COUNT
+       fm-bench publish URL COUNT WINDOW [SIZE]
+       fm-bench fill URL QUEUE[,QUEUE...] COUNT [SIZE]
+       fm-bench watch URL QUEUE[,QUEUE...] COUNT TIMEOUT_S
+       fm-bench depth URL QUEUE[,QUEUE...]
+       fm-bench record-file COUNT PATH [SIZE]
        fm-bench connect-time URL QUEUE RUNS";
 
 fn main() -> std::process::ExitCode {
@@ -100,19 +107,26 @@ async fn run(args: &[String]) -> Result<()> {
         ["consume", url, queue, prefetch, count] => {
             consume(url, queue, prefetch.parse()?, count.parse()?).await
         }
-        ["publish", url, count, window] => publish(url, count.parse()?, window.parse()?).await,
-        ["fill", url, queue, count] => fill(url, queue, count.parse()?).await,
+        ["publish", url, count, window] => {
+            publish(url, count.parse()?, window.parse()?, BODY_SIZE).await
+        }
+        ["publish", url, count, window, size] => {
+            publish(url, count.parse()?, window.parse()?, size.parse()?).await
+        }
+        ["fill", url, queue, count] => fill(url, queue, count.parse()?, BODY_SIZE).await,
+        ["fill", url, queue, count, size] => fill(url, queue, count.parse()?, size.parse()?).await,
         ["watch", url, queue, count, timeout] => {
             watch(url, queue, count.parse()?, timeout.parse()?).await
         }
         ["depth", url, queue] => {
             let (conn, channel) = open(url).await?;
-            let (ready, consumers) = depth(&channel, queue).await?;
+            let (ready, consumers) = depth_all(&channel, queue).await?;
             emit(json!({"ready": ready, "consumers": consumers}));
             conn.close(200, "done".into()).await?;
             Ok(())
         }
-        ["record-file", count, path] => record_file(count.parse()?, path),
+        ["record-file", count, path] => record_file(count.parse()?, path, BODY_SIZE),
+        ["record-file", count, path, size] => record_file(count.parse()?, path, size.parse()?),
         ["connect-time", url, queue, runs] => connect_time(url, queue, runs.parse()?).await,
         _ => Err(USAGE.into()),
     }
@@ -131,50 +145,103 @@ async fn open(url: &str) -> Result<(Connection, Channel)> {
     Ok((conn, channel))
 }
 
-/// The consume baseline: ack every delivery, one at a time.
-async fn consume(url: &str, queue: &str, prefetch: u16, count: u64) -> Result<()> {
-    let (conn, channel) = open(url).await?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await?;
-    let mut consumer = channel
-        .basic_consume(
-            queue.into(),
-            "fm-bench-baseline".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await?;
-    emit(json!({"consuming": true}));
-    let mut acked = 0u64;
-    let mut first = None;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    loop {
-        let delivery = tokio::select! {
-            d = consumer.next() => d,
-            _ = term.recv() => break,
-        };
-        let Some(delivery) = delivery else { break };
-        let delivery = delivery?;
-        first.get_or_insert_with(Instant::now);
-        delivery.ack(BasicAckOptions::default()).await?;
-        acked += 1;
-        if acked == count {
-            break;
-        }
+/// The consume baseline: ack every delivery, one at a time. With several queues, one consumer
+/// per queue, each on a channel of its own with a loop of its own (fm's layout).
+async fn consume(url: &str, queues: &str, prefetch: u16, count: u64) -> Result<()> {
+    let conn = Connection::connect(url, ConnectionProperties::default()).await?;
+    let mut consumers = Vec::new();
+    for (i, queue) in queues.split(',').enumerate() {
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                format!("fm-bench-baseline-{i}").as_str().into(),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        consumers.push(consumer);
     }
-    let secs = first.map_or(0.0, |t: Instant| t.elapsed().as_secs_f64());
+    emit(json!({"consuming": true}));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let (acked, secs) = if consumers.len() == 1 {
+        let mut consumer = consumers.pop().expect("one consumer");
+        let mut acked = 0u64;
+        let mut first = None;
+        loop {
+            let delivery = tokio::select! {
+                d = consumer.next() => d,
+                _ = term.recv() => break,
+            };
+            let Some(delivery) = delivery else { break };
+            let delivery = delivery?;
+            first.get_or_insert_with(Instant::now);
+            delivery.ack(BasicAckOptions::default()).await?;
+            acked += 1;
+            if acked == count {
+                break;
+            }
+        }
+        (
+            acked,
+            first.map_or(0.0, |t: Instant| t.elapsed().as_secs_f64()),
+        )
+    } else {
+        consume_many(consumers, count, &mut term).await?
+    };
     emit(json!({"acked": acked, "secs": secs}));
     conn.close(200, "done".into()).await?;
     Ok(())
 }
 
-/// A 200-byte JSON object, as Python's `json.dumps` writes it.
-fn body(seq: u64) -> Vec<u8> {
+/// One loop per consumer, each acking its own deliveries; done after `count` acks in all.
+async fn consume_many(
+    consumers: Vec<lapin::Consumer>,
+    count: u64,
+    term: &mut tokio::signal::unix::Signal,
+) -> Result<(u64, f64)> {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let acked = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(tokio::sync::Notify::new());
+    let t0 = Instant::now();
+    let first = Arc::new(std::sync::OnceLock::new());
+    let mut loops = tokio::task::JoinSet::new();
+    for mut consumer in consumers {
+        let (acked, done, first) = (Arc::clone(&acked), Arc::clone(&done), Arc::clone(&first));
+        loops.spawn(async move {
+            while let Some(delivery) = consumer.next().await {
+                let Ok(delivery) = delivery else { break };
+                first.get_or_init(|| t0.elapsed());
+                if delivery.ack(BasicAckOptions::default()).await.is_err() {
+                    break;
+                }
+                if acked.fetch_add(1, Ordering::Relaxed) + 1 == count {
+                    done.notify_one();
+                }
+            }
+        });
+    }
+    tokio::select! {
+        () = done.notified() => {}
+        _ = term.recv() => {}
+    }
+    loops.abort_all();
+    let since = first
+        .get()
+        .map_or(0.0, |f| (t0.elapsed() - *f).as_secs_f64());
+    Ok((acked.load(Ordering::Relaxed), since))
+}
+
+/// A JSON object of `size` bytes (200 unless a size is given), as Python's `json.dumps` writes it.
+fn body(seq: u64, size: usize) -> Vec<u8> {
     let head = format!("{{\"seq\": {seq}, \"text\": \"");
     let tail = "\"}";
-    let pad = BODY_SIZE.saturating_sub(head.len() + tail.len());
-    let mut b = Vec::with_capacity(BODY_SIZE);
+    let pad = size.saturating_sub(head.len() + tail.len());
+    let mut b = Vec::with_capacity(size);
     b.extend_from_slice(head.as_bytes());
     b.resize(head.len() + pad, b'x');
     b.extend_from_slice(tail.as_bytes());
@@ -218,6 +285,7 @@ async fn publish_many(
     routing_key: &str,
     count: u64,
     window: usize,
+    size: usize,
 ) -> Result<()> {
     let options = BasicPublishOptions {
         mandatory: true,
@@ -230,7 +298,7 @@ async fn publish_many(
                 EXCHANGE.into(),
                 routing_key.into(),
                 options,
-                &body(seq),
+                &body(seq, size),
                 properties(),
             )
             .await?;
@@ -257,18 +325,28 @@ fn check(confirmation: Confirmation) -> Result<()> {
 }
 
 /// The publish baseline.
-async fn publish(url: &str, count: u64, window: usize) -> Result<()> {
+async fn publish(url: &str, count: u64, window: usize, size: usize) -> Result<()> {
     let started = Instant::now();
     let (conn, channel) = open(url).await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
     let t0 = Instant::now();
-    publish_many(&channel, PUBLISH_KEY, count, window).await?;
+    publish_many(&channel, PUBLISH_KEY, count, window, size).await?;
     let secs = t0.elapsed().as_secs_f64();
     emit(json!({"published": count, "secs": secs, "wall": started.elapsed().as_secs_f64()}));
     conn.close(200, "done".into()).await?;
     Ok(())
+}
+
+/// The routing key a queue is bound with: the benchmark queue gets every `bench.` message, any
+/// other (the scale section's queues) a key of its own.
+fn binding(queue: &str) -> String {
+    if queue == QUEUE {
+        BINDING.to_owned()
+    } else {
+        format!("scale.{queue}")
+    }
 }
 
 /// The queue as the benchmark's configurations declare it.
@@ -287,7 +365,7 @@ async fn declare(channel: &Channel, queue: &str) -> Result<()> {
         .queue_bind(
             queue.into(),
             EXCHANGE.into(),
-            BINDING.into(),
+            binding(queue).as_str().into(),
             QueueBindOptions::default(),
             FieldTable::default(),
         )
@@ -295,26 +373,48 @@ async fn declare(channel: &Channel, queue: &str) -> Result<()> {
     Ok(())
 }
 
-async fn fill(url: &str, queue: &str, count: u64) -> Result<()> {
+async fn fill(url: &str, queues: &str, count: u64, size: usize) -> Result<()> {
     let t0 = Instant::now();
     let (conn, channel) = open(url).await?;
-    declare(&channel, queue).await?;
-    channel
-        .queue_purge(queue.into(), QueuePurgeOptions::default())
-        .await?;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await?;
-    publish_many(&channel, FILL_KEY, count, FILL_WINDOW).await?;
-    let (ready, consumers) = depth(&channel, queue).await?;
-    if u64::from(ready) != count {
-        return Err(
-            format!("queue {queue} holds {ready} messages after the fill, not {count}").into(),
-        );
+    for queue in queues.split(',') {
+        declare(&channel, queue).await?;
+        channel
+            .queue_purge(queue.into(), QueuePurgeOptions::default())
+            .await?;
+        let key = if queue == QUEUE {
+            FILL_KEY.to_owned()
+        } else {
+            binding(queue)
+        };
+        // Big messages are few: a window of 1000 × 16 MB would hold 16 GB in the client.
+        let window = (FILL_WINDOW * BODY_SIZE / size.max(1)).clamp(1, FILL_WINDOW);
+        publish_many(&channel, &key, count, window, size).await?;
+        let (ready, _) = depth(&channel, queue).await?;
+        if u64::from(ready) != count {
+            return Err(format!(
+                "queue {queue} holds {ready} messages after the fill, not {count}"
+            )
+            .into());
+        }
     }
+    let (_, consumers) = depth_all(&channel, queues).await?;
     emit(json!({"filled": count, "consumers": consumers, "secs": t0.elapsed().as_secs_f64()}));
     conn.close(200, "done".into()).await?;
     Ok(())
+}
+
+/// The ready and consumer counts summed over a comma-separated list of queues.
+async fn depth_all(channel: &Channel, queues: &str) -> Result<(u32, u32)> {
+    let (mut ready, mut consumers) = (0, 0);
+    for queue in queues.split(',') {
+        let (r, c) = depth(channel, queue).await?;
+        ready += r;
+        consumers += c;
+    }
+    Ok((ready, consumers))
 }
 
 /// The ready count and the consumer count of `queue` (a passive declare).
@@ -334,7 +434,7 @@ async fn depth(channel: &Channel, queue: &str) -> Result<(u32, u32)> {
 
 async fn watch(url: &str, queue: &str, count: u32, timeout_s: f64) -> Result<()> {
     let (conn, channel) = open(url).await?;
-    let (ready, _) = depth(&channel, queue).await?;
+    let (ready, _) = depth_all(&channel, queue).await?;
     if ready != count {
         return Err(format!("queue {queue} holds {ready} ready messages, expected {count}").into());
     }
@@ -344,7 +444,7 @@ async fn watch(url: &str, queue: &str, count: u32, timeout_s: f64) -> Result<()>
     let mut first: Option<(Instant, u32)> = None;
     let mut polls = 0u64;
     let end = loop {
-        let (ready, _) = depth(&channel, queue).await?;
+        let (ready, _) = depth_all(&channel, queue).await?;
         let now = Instant::now();
         polls += 1;
         if first.is_none() && ready < count {
@@ -382,10 +482,10 @@ async fn watch(url: &str, queue: &str, count: u32, timeout_s: f64) -> Result<()>
 
 /// Record-format lines, keys sorted, Python's separators (as `fm record` and
 /// `fedora-messaging record` write them).
-fn record_file(count: u64, path: &str) -> Result<()> {
+fn record_file(count: u64, path: &str, size: usize) -> Result<()> {
     let mut out = std::io::BufWriter::new(std::fs::File::create(path)?);
     for seq in 0..count {
-        let body = String::from_utf8(body(seq))?;
+        let body = String::from_utf8(body(seq, size))?;
         let id = uuid::Uuid::new_v4();
         writeln!(
             out,
@@ -436,7 +536,7 @@ mod tests {
     #[test]
     fn bodies_are_200_bytes_of_json_objects() {
         for seq in [0, 7, 19_999, u64::MAX] {
-            let b = body(seq);
+            let b = body(seq, BODY_SIZE);
             assert_eq!(b.len(), BODY_SIZE, "{seq}");
             let v: Value = serde_json::from_slice(&b).unwrap();
             assert_eq!(v["seq"], json!(seq));
@@ -448,7 +548,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("fm-bench-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("r.jsonl");
-        record_file(3, path.to_str().unwrap()).unwrap();
+        record_file(3, path.to_str().unwrap(), BODY_SIZE).unwrap();
         let text = std::fs::read_to_string(&path).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         let lines: Vec<&str> = text.lines().collect();
