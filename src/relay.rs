@@ -63,6 +63,9 @@ use crate::stats::Stats;
 /// The most messages sent and not yet recorded as done: the pipelining window and the bound
 /// on what a killed relay sends twice.
 pub const WINDOW: usize = 1000;
+/// With the window full, the progress is recorded once this many messages at its head are
+/// done, not after every confirm.
+const FLUSH_EVERY: usize = WINDOW / 4;
 
 /// How often the relay looks for new batches when it has nothing to send.
 const POLL: Duration = Duration::from_millis(50);
@@ -378,7 +381,12 @@ impl Relay {
         loop {
             let window = if self.probe > 0 { 1 } else { WINDOW };
             let room = self.ledger.len() < WINDOW && self.in_flight.len() < window;
-            if self.in_flight.is_empty() || self.ledger.len() >= WINDOW {
+            // Record progress when nothing is in flight, or when the window is full and a
+            // good part of it is done: a write per confirm would cost a system call per message
+            // and send one message per confirm; [`FLUSH_EVERY`] at once keeps the pipe full.
+            if self.in_flight.is_empty()
+                || (self.ledger.len() >= WINDOW && self.done_at_head() >= FLUSH_EVERY)
+            {
                 self.flush();
             }
             let event = {
@@ -509,6 +517,15 @@ impl Relay {
             }
         }
         self.done(f.seq);
+    }
+
+    /// How many messages at the head of the ledger are done (ready to be recorded).
+    fn done_at_head(&self) -> usize {
+        self.ledger
+            .iter()
+            .take(FLUSH_EVERY)
+            .take_while(|s| s.done)
+            .count()
     }
 
     fn done(&mut self, seq: u64) {
