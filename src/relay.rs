@@ -440,15 +440,7 @@ impl Relay {
     async fn take(&mut self, channel: &Channel, item: Item) -> lapin::Result<()> {
         let (batch, line, end) = match item {
             Item::Message { batch, line, out } => {
-                let confirm = channel
-                    .basic_publish(
-                        batch.exchange.clone(),
-                        out.routing_key.clone(),
-                        batch.options,
-                        &out.body,
-                        out.properties.clone(),
-                    )
-                    .await?;
+                let confirm = out.publish(channel, &batch.exchange, batch.options).await?;
                 let seq = self.base + self.ledger.len() as u64;
                 self.ledger.push_back(Slot {
                     batch: Arc::clone(&batch),

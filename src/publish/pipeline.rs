@@ -20,6 +20,25 @@ pub(crate) struct Outgoing {
 }
 
 impl Outgoing {
+    /// Send it to `exchange` on `channel` (its confirm comes back through the returned
+    /// future when the channel is in confirm mode).
+    pub(crate) async fn publish(
+        &self,
+        channel: &Channel,
+        exchange: &ShortString,
+        options: BasicPublishOptions,
+    ) -> lapin::Result<PublisherConfirm> {
+        channel
+            .basic_publish(
+                exchange.clone(),
+                self.routing_key.clone(),
+                options,
+                &self.body,
+                self.properties.clone(),
+            )
+            .await
+    }
+
     pub(crate) fn new(
         seq: u64,
         line: usize,
@@ -169,15 +188,7 @@ impl Publisher {
         loop {
             let room = self.in_flight.len() < WINDOW && self.stop.is_none();
             if room && let Some(out) = self.retry.pop_front() {
-                let sent = channel
-                    .basic_publish(
-                        self.exchange.clone(),
-                        out.routing_key.clone(),
-                        options,
-                        &out.body,
-                        out.properties.clone(),
-                    )
-                    .await;
+                let sent = out.publish(channel, &self.exchange, options).await;
                 match sent {
                     Ok(confirm) => {
                         let mut out = out;

@@ -166,14 +166,7 @@ impl Tx {
                     }
                     Item::Error(err) => return Err(rolled_back(format!("{err:#}"))),
                 };
-                channel
-                    .basic_publish(
-                        self.exchange.clone(),
-                        out.routing_key.clone(),
-                        options,
-                        &out.body,
-                        out.properties.clone(),
-                    )
+                out.publish(&channel, &self.exchange, options)
                     .await
                     .map_err(|e| {
                         rolled_back(format!(
