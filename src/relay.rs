@@ -311,10 +311,7 @@ impl Relay {
             close(&connected).await;
             if let Some(err) = end {
                 Stats::bump(&self.stats.reconnects);
-                if started.elapsed() >= HEALTHY_AFTER {
-                    backoff.reset();
-                }
-                let pause = backoff.pause();
+                let pause = backoff.after_loss(started.elapsed());
                 tracing::warn!(
                     broker = %connected.url,
                     "connection lost ({err:#}); reconnecting in {:.1} s",

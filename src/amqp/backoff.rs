@@ -30,6 +30,15 @@ impl Backoff {
         self.step = BACKOFF_START;
     }
 
+    /// The pause after a connection that lived `lived` was lost: a healthy one (at least
+    /// [`HEALTHY_AFTER`]) starts the backoff over, a short-lived one keeps it growing.
+    pub fn after_loss(&mut self, lived: Duration) -> Duration {
+        if lived >= HEALTHY_AFTER {
+            self.reset();
+        }
+        self.pause()
+    }
+
     /// The next pause: uniformly between half and all of the current step, which doubles.
     pub fn pause(&mut self) -> Duration {
         let step = self.step;
@@ -53,5 +62,15 @@ mod tests {
         assert_eq!(b.step, BACKOFF_MAX);
         b.reset();
         assert!(b.pause() <= BACKOFF_START);
+    }
+
+    #[test]
+    fn a_healthy_connection_starts_the_backoff_over_and_a_short_one_does_not() {
+        let mut b = Backoff::default();
+        for _ in 0..10 {
+            b.pause();
+        }
+        assert!(b.after_loss(Duration::from_secs(1)) >= BACKOFF_MAX / 2);
+        assert!(b.after_loss(HEALTHY_AFTER) <= BACKOFF_START);
     }
 }

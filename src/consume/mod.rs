@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 use anyhow::anyhow;
 use tokio::sync::Semaphore;
 
-use crate::amqp::backoff::{Backoff, HEALTHY_AFTER};
+use crate::amqp::backoff::Backoff;
 use crate::amqp::{Connected, Connector};
 use crate::attempts::Attempts;
 use crate::callback::Handler;
@@ -158,10 +158,7 @@ pub async fn run(ctx: Arc<Context>) -> anyhow::Result<u8> {
                     break;
                 }
                 Stats::bump(&ctx.stats.reconnects);
-                if started.elapsed() >= HEALTHY_AFTER {
-                    backoff.reset();
-                }
-                let delay = backoff.pause();
+                let delay = backoff.after_loss(started.elapsed());
                 tracing::warn!(
                     broker = %connected.url,
                     "connection lost: {err:#}; reconnecting in {:.1} s",
