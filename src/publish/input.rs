@@ -127,7 +127,15 @@ pub(super) enum Item {
 pub(super) struct Read {
     pub(super) item: Item,
     pub(super) bytes: u64,
+    /// Its share of [`READ_AHEAD_BYTES`], given back when the item is dropped (taken into the
+    /// publisher's window, or refused).
+    pub(super) _budget: Option<OwnedSemaphorePermit>,
 }
+
+/// How many bytes of input lines the reader parses ahead of the publisher, besides its 256
+/// lines: a file of 16 MiB messages must not be read into memory faster than it is sent. A
+/// longer line still goes, alone.
+const READ_AHEAD_BYTES: usize = 8 << 20;
 
 /// Where the messages come from, before reading starts.
 pub(super) enum Source {
@@ -208,6 +216,7 @@ impl Source {
     /// parallel with publishing. The channel bounds how far it reads ahead.
     pub(super) fn spawn_reader(self, name: String) -> mpsc::Receiver<Read> {
         let (tx, rx) = mpsc::channel(256);
+        let budget = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
         tokio::spawn(async move {
             let mut reader = match self {
                 Source::One(message) => {
@@ -215,7 +224,12 @@ impl Source {
                         line: 0,
                         message: Box::new(message),
                     };
-                    let _ = tx.send(Read { item, bytes: 0 }).await;
+                    let read = Read {
+                        item,
+                        bytes: 0,
+                        _budget: None,
+                    };
+                    let _ = tx.send(read).await;
                     return;
                 }
                 Source::Lines { reader, .. } => reader,
@@ -224,7 +238,13 @@ impl Source {
             let (mut line, mut bytes) = (0usize, 0u64);
             loop {
                 buf.clear();
-                let item = match reader.read_until(b'\n', &mut buf).await {
+                let read = reader.read_until(b'\n', &mut buf).await;
+                // Never more than the whole budget, so that a line longer than it still goes.
+                let share = buf.len().clamp(1, READ_AHEAD_BYTES) as u32;
+                let Ok(permit) = Arc::clone(&budget).acquire_many_owned(share).await else {
+                    return;
+                };
+                let item = match read {
                     Ok(0) => return,
                     Ok(n) => {
                         line += 1;
@@ -240,7 +260,12 @@ impl Source {
                     Err(e) => Item::Error(anyhow!("reading {name} after line {line}: {e}")),
                 };
                 let last = matches!(item, Item::Error(_));
-                if tx.send(Read { item, bytes }).await.is_err() || last {
+                let read = Read {
+                    item,
+                    bytes,
+                    _budget: Some(permit),
+                };
+                if tx.send(read).await.is_err() || last {
                     return;
                 }
             }

@@ -41,6 +41,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io::IsTerminal;
 use std::path::Path;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context as _, anyhow};
@@ -52,7 +53,7 @@ use lapin::types::ShortString;
 use lapin::{BasicProperties, Channel, Confirmation, ErrorKind, PublisherConfirm};
 use serde_json::{Map, Value};
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio::time::Instant;
 
 use crate::amqp::{Connected, Connector, errors};
@@ -67,6 +68,11 @@ use crate::shutdown::{self, Shutdown};
 /// broker busy over a slow link, small enough to bound memory and what a lost connection
 /// leaves to resend.
 pub const WINDOW: usize = 1000;
+
+/// The most bytes of encoded bodies in flight at once, whatever their number: a window of
+/// 1,000 messages of 16 MiB would hold 16 GB. The first message in flight goes whatever its
+/// size. The confirmed messages kept to match late returns are bounded the same way.
+pub const WINDOW_BYTES: usize = 32 << 20;
 
 /// The progress bar appears only when publishing takes longer than this, so a short file
 /// leaves no trace on the terminal.
@@ -151,10 +157,15 @@ struct Publisher {
     retry: VecDeque<Outgoing>,
     /// Sent, waiting for the broker's confirm, oldest first.
     in_flight: VecDeque<InFlight>,
-    /// The last confirmed messages. lapin hands a `basic.return` to whichever confirm
-    /// completes next, which may be a later message's, so a return may name a message
-    /// already taken as confirmed: they are kept [`WINDOW`] long to be found by id.
+    /// The sizes of their bodies, added up (at most [`WINDOW_BYTES`] but for a lone message).
+    in_flight_bytes: usize,
+    /// The last confirmed messages, without their encoded bodies. lapin hands a
+    /// `basic.return` to whichever confirm completes next, which may be a later message's, so
+    /// a return may name a message already taken as confirmed: they are kept a window long
+    /// ([`WINDOW`] messages, [`WINDOW_BYTES`]) to be found by id.
     recent: VecDeque<Outgoing>,
+    /// The sizes of their bodies, added up.
+    recent_bytes: usize,
     /// Returns not matched to their message yet: message id → why.
     returned: HashMap<String, String>,
     /// Messages not published, and why.
@@ -198,7 +209,9 @@ impl Publisher {
             read: 0,
             retry: VecDeque::new(),
             in_flight: VecDeque::new(),
+            in_flight_bytes: 0,
             recent: VecDeque::new(),
+            recent_bytes: 0,
             returned: HashMap::new(),
             failed: Vec::new(),
             invalid: Vec::new(),
@@ -425,5 +438,84 @@ mod tests {
         p.keep_going = false;
         p.settle(outgoing(1), Confirmation::Nack(None));
         assert_eq!(p.stop.as_ref().map(|s| s.code), Some(121));
+    }
+
+    /// The window is 1,000 messages or 32 MiB of bodies, whichever is reached first; a
+    /// message larger than the whole window still goes, alone.
+    #[test]
+    fn the_window_counts_messages_and_bytes() {
+        use pipeline::window_has_room;
+        assert!(window_has_room(0, 0, 1 << 30), "alone, any size goes");
+        assert!(!window_has_room(1, 16 << 20, 17 << 20));
+        assert!(window_has_room(1, 16 << 20, 16 << 20));
+        assert!(window_has_room(WINDOW - 1, 200 * (WINDOW - 1), 200));
+        assert!(!window_has_room(WINDOW, 200 * WINDOW, 200));
+    }
+
+    /// Confirmed messages are kept for late returns without their encoded bodies, and no more
+    /// of them than a window holds.
+    #[tokio::test]
+    async fn confirmed_messages_are_kept_a_window_long() {
+        let mut p = publisher();
+        for seq in 1..=(WINDOW as u64 + 5) {
+            p.settle(outgoing(seq), Confirmation::Ack(None));
+        }
+        assert_eq!(p.recent.len(), WINDOW);
+        assert_eq!(p.recent.front().map(|o| o.id()), Some("id-6"));
+        assert!(p.recent.iter().all(|o| o.body.is_empty() && o.size == 2));
+        assert_eq!(p.recent_bytes, 2 * WINDOW);
+
+        // Big ones: as many as fit in WINDOW_BYTES, but always the last one.
+        let mut p = publisher();
+        let big = |seq: u64, size: usize| {
+            let mut out = outgoing(seq);
+            out.size = size;
+            out
+        };
+        p.settle(big(1, WINDOW_BYTES / 2), Confirmation::Ack(None));
+        p.settle(big(2, WINDOW_BYTES / 2), Confirmation::Ack(None));
+        p.settle(big(3, WINDOW_BYTES / 2), Confirmation::Ack(None));
+        let ids: Vec<&str> = p.recent.iter().map(|o| o.id()).collect();
+        assert_eq!(ids, ["id-2", "id-3"]);
+        p.settle(big(4, 2 * WINDOW_BYTES), Confirmation::Ack(None));
+        let ids: Vec<&str> = p.recent.iter().map(|o| o.id()).collect();
+        assert_eq!(ids, ["id-4"]);
+        // A late return still finds it, and the count of bytes goes back to nothing.
+        p.settle(outgoing(5), Confirmation::Ack(Some(returned("id-4"))));
+        assert_eq!(p.failed.len(), 1);
+        assert_eq!(p.recent_bytes, 2, "only id-5 is left");
+    }
+
+    /// The reader parses ahead of the publisher by at most READ_AHEAD_BYTES (8 MiB) of lines,
+    /// and reads on as the publisher takes them.
+    #[tokio::test]
+    async fn the_reader_reads_ahead_by_a_bounded_number_of_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("big.jsonl");
+        let text = "x".repeat(3 << 20);
+        let line = format!("{{\"topic\": \"t\", \"body\": {{\"t\": \"{text}\"}}}}\n");
+        std::fs::write(&path, line.repeat(6)).unwrap();
+        let mut rx = Source::open(&path)
+            .await
+            .unwrap()
+            .spawn_reader("big".into());
+        // Two 3 MiB lines fit in 8 MiB, a third does not: the reader waits.
+        let settled = async {
+            while rx.len() < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), settled)
+            .await
+            .expect("the reader sends two lines");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(rx.len(), 2, "no third line is parsed before one is taken");
+        // Taking lines lets it go on, to the end.
+        let mut lines = 0;
+        while let Some(read) = rx.recv().await {
+            assert!(matches!(read.item, Item::Message { .. }));
+            lines += 1;
+        }
+        assert_eq!(lines, 6);
     }
 }

@@ -14,6 +14,9 @@ pub(crate) struct Outgoing {
     pub(crate) message: Message,
     pub(crate) routing_key: ShortString,
     pub(crate) body: Vec<u8>,
+    /// The encoded body's size, which counts against the window (kept when the body is
+    /// dropped after the confirm).
+    pub(crate) size: usize,
     pub(crate) properties: BasicProperties,
     /// Sent at least once (on a connection that may since have been lost).
     pub(crate) sent: bool,
@@ -49,10 +52,12 @@ impl Outgoing {
         let routing_key = ShortString::try_new(key.as_str())
             .map_err(|_| format!("the routing key is longer than 255 bytes: {key:.40}…"))?;
         let properties = message.amqp_properties()?;
+        let body = message.encoded_body();
         Ok(Outgoing {
             seq,
             line,
-            body: message.encoded_body(),
+            size: body.len(),
+            body,
             routing_key,
             properties,
             message,
@@ -72,6 +77,12 @@ impl Outgoing {
             format!("message {} (line {})", self.id(), self.line)
         }
     }
+}
+
+/// Whether a message of `size` bytes may join `count` messages of `bytes` in flight: the
+/// window is [`WINDOW`] messages and [`WINDOW_BYTES`], but one message always goes.
+pub(super) fn window_has_room(count: usize, bytes: usize, size: usize) -> bool {
+    count == 0 || (count < WINDOW && bytes + size <= WINDOW_BYTES)
 }
 
 /// A message sent and waiting for its confirm.
@@ -186,7 +197,8 @@ impl Publisher {
             immediate: false,
         };
         loop {
-            let room = self.in_flight.len() < WINDOW && self.stop.is_none();
+            let next = self.retry.front().map_or(0, |o| o.size);
+            let room = self.has_room_for(next) && self.stop.is_none();
             if room && let Some(out) = self.retry.pop_front() {
                 let sent = out.publish(channel, &self.exchange, options).await;
                 match sent {
@@ -198,6 +210,7 @@ impl Publisher {
                             "sent {}",
                             out.describe()
                         );
+                        self.in_flight_bytes += out.size;
                         self.in_flight.push_back(InFlight {
                             out,
                             confirm,
@@ -232,20 +245,19 @@ impl Publisher {
                 }
             };
             if let Event::Confirm(result) = event {
-                let front = self.in_flight.pop_front().expect("it was just polled");
                 match result {
-                    Ok(Ok(confirmation)) => self.settle(front.out, confirmation),
-                    Ok(Err(err)) => {
-                        self.in_flight.push_front(front);
-                        return self.abort(connected, channel, err).await;
+                    Ok(Ok(confirmation)) => {
+                        let front = self.take_oldest().expect("it was just polled");
+                        self.settle(front.out, confirmation);
                     }
+                    Ok(Err(err)) => return self.abort(connected, channel, err).await,
                     Err(_) => {
+                        let front = self.in_flight.front().expect("it was just polled");
                         let reason = format!(
                             "the broker did not confirm {} within {:.0} s (--timeout)",
                             front.out.describe(),
                             self.timeout.as_secs_f64()
                         );
-                        self.in_flight.push_front(front);
                         self.stop_with(code::PUBLISH_TIMEOUT, reason);
                         self.give_up_in_flight("not confirmed in time");
                         return SessionEnd::Done;
@@ -264,7 +276,7 @@ impl Publisher {
             Event::Signal => self.stop_by_signal(),
             Event::Confirm(_) => unreachable!("confirms are settled by the session"),
             Event::Input(None) => self.input_done = true,
-            Event::Input(Some(Read { item, bytes })) => {
+            Event::Input(Some(Read { item, bytes, .. })) => {
                 self.bytes = bytes;
                 match item {
                     Item::Message { line, message } => {
@@ -324,10 +336,7 @@ impl Publisher {
                     None => {
                         self.published += 1;
                         self.last_id = out.message.id.clone();
-                        self.recent.push_back(out);
-                        if self.recent.len() > WINDOW {
-                            self.recent.pop_front();
-                        }
+                        self.remember(out);
                     }
                 }
             }
@@ -346,12 +355,41 @@ impl Publisher {
         }
     }
 
+    /// Whether a message of `size` bytes may be sent now: the window ([`WINDOW`] messages,
+    /// [`WINDOW_BYTES`]) has room for it, or nothing is in flight.
+    fn has_room_for(&self, size: usize) -> bool {
+        window_has_room(self.in_flight.len(), self.in_flight_bytes, size)
+    }
+
+    /// The oldest message in flight, out of the window.
+    pub(super) fn take_oldest(&mut self) -> Option<InFlight> {
+        let f = self.in_flight.pop_front()?;
+        self.in_flight_bytes -= f.out.size;
+        Some(f)
+    }
+
+    /// Keep a confirmed message a window long, for a return that names it late. Its encoded
+    /// body is not needed any more (a message returned late is written to `--failed` from
+    /// `message`), so it is let go at once.
+    fn remember(&mut self, mut out: Outgoing) {
+        out.body = Vec::new();
+        self.recent_bytes += out.size;
+        self.recent.push_back(out);
+        while self.recent.len() > 1
+            && (self.recent.len() > WINDOW || self.recent_bytes > WINDOW_BYTES)
+        {
+            let old = self.recent.pop_front().expect("more than one");
+            self.recent_bytes -= old.size;
+        }
+    }
+
     /// A message came back (`basic.return`): find it by id among the confirmed messages,
     /// or remember it for when its confirm comes.
     pub(super) fn on_return(&mut self, r: BasicReturnMessage) {
         let (id, why) = return_reason(&r);
         if let Some(pos) = self.recent.iter().rposition(|o| o.id() == id) {
             let out = self.recent.remove(pos).expect("the position is valid");
+            self.recent_bytes -= out.size;
             self.published -= 1;
             self.refused(out, why);
         } else {
@@ -383,7 +421,7 @@ impl Publisher {
         // Every pending confirm fails with the channel; those confirmed before settle.
         let mut refusal = soft_error(&first);
         let mut pending = Vec::new();
-        while let Some(mut f) = self.in_flight.pop_front() {
+        while let Some(mut f) = self.take_oldest() {
             match tokio::time::timeout_at(f.deadline, &mut f.confirm).await {
                 Ok(Ok(confirmation)) => self.settle(f.out, confirmation),
                 Ok(Err(err)) => {
@@ -426,7 +464,7 @@ impl Publisher {
 
     /// Everything in flight is given up as unconfirmed.
     pub(super) fn give_up_in_flight(&mut self, why: &str) {
-        while let Some(f) = self.in_flight.pop_front() {
+        while let Some(f) = self.take_oldest() {
             self.failed
                 .push((f.out, Failure::Unconfirmed, why.to_owned()));
         }

@@ -205,7 +205,8 @@ async fn a_message_whose_line_cannot_be_written_stays_queued() {
 
 /// Each line is on disk before its message is acked: while fm still runs the file already
 /// holds every line, and SIGTERM then ends it cleanly (exit 0) with the queue empty. The
-/// application name is "recorder" unless --app-name says otherwise.
+/// application name is "recorder" unless --app-name says otherwise, and its connection runs
+/// with the 16 KiB frames fm proposes (the URL sets no `frame_max`).
 #[tokio::test]
 async fn lines_are_written_before_the_ack_and_sigterm_ends_cleanly() {
     let Some(b) = broker() else { return };
@@ -221,9 +222,13 @@ async fn lines_are_written_before_the_ack_and_sigterm_ends_cleanly() {
     wait_for_lines(&file, 3).await;
     b.wait_for_depth(&queue, 0).await;
     let connections = b
-        .rabbitmqctl(&["list_connections", "client_properties"])
+        .rabbitmqctl(&["-q", "list_connections", "frame_max", "client_properties"])
         .await;
-    assert!(connections.contains("recorder"), "{connections}");
+    let ours = connections.lines().find(|l| l.contains("recorder"));
+    assert!(
+        ours.is_some_and(|l| l.starts_with("16384\t")),
+        "{connections}"
+    );
     fm.kill("TERM");
     let status = fm.wait_timeout(Duration::from_secs(30)).await;
     assert_eq!(status.and_then(|s| s.code()), Some(0), "{}", fm.stderr());
