@@ -39,6 +39,12 @@
 //!   AMQP handshake (TCP connect to `connection.open-ok`), then fm's set-up steps (declare the
 //!   queue, bind it, `basic.qos`, `basic.consume`), RUNS times.
 //!
+//! - `rpc-serve URL QUEUE PREFETCH`: **the request/reply baseline**. Declares QUEUE (not
+//!   durable), `basic.qos(PREFETCH)`, and for each request publishes `{"ok":true}` to its
+//!   `reply_to` with its `correlation_id` (no confirm, not mandatory), then acks it, in order of
+//!   arrival, until SIGTERM: the least work a server can do per call (but one call at a time:
+//!   a server that answers several at once, as fm does, can pass it).
+//!
 //! Messages are fedora-messaging's: a 200-byte JSON object body written with Python's separators,
 //! `content_type = application/json`, `content_encoding = utf-8`, `delivery_mode = 2`, a UUID4
 //! `message_id`, and the headers `fedora_messaging_schema`, `fedora_messaging_schema_package`,
@@ -83,7 +89,8 @@ const USAGE: &str = "usage: fm-bench consume URL QUEUE[,QUEUE...] PREFETCH COUNT
        fm-bench watch URL QUEUE[,QUEUE...] COUNT TIMEOUT_S
        fm-bench depth URL QUEUE[,QUEUE...]
        fm-bench record-file COUNT PATH [SIZE]
-       fm-bench connect-time URL QUEUE RUNS";
+       fm-bench connect-time URL QUEUE RUNS
+       fm-bench rpc-serve URL QUEUE PREFETCH";
 
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -128,6 +135,7 @@ async fn run(args: &[String]) -> Result<()> {
         ["record-file", count, path] => record_file(count.parse()?, path, BODY_SIZE),
         ["record-file", count, path, size] => record_file(count.parse()?, path, size.parse()?),
         ["connect-time", url, queue, runs] => connect_time(url, queue, runs.parse()?).await,
+        ["rpc-serve", url, queue, prefetch] => rpc_serve(url, queue, prefetch.parse()?).await,
         _ => Err(USAGE.into()),
     }
 }
@@ -193,6 +201,61 @@ async fn consume(url: &str, queues: &str, prefetch: u16, count: u64) -> Result<(
         consume_many(consumers, count, &mut term).await?
     };
     emit(json!({"acked": acked, "secs": secs}));
+    conn.close(200, "done".into()).await?;
+    Ok(())
+}
+
+/// The request/reply baseline: answer every request with `{"ok":true}`, then ack it.
+async fn rpc_serve(url: &str, queue: &str, prefetch: u16) -> Result<()> {
+    let (conn, channel) = open(url).await?;
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await?;
+    let mut consumer = channel
+        .basic_consume(
+            queue.into(),
+            "fm-bench-rpc".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    emit(json!({"serving": true}));
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut answered = 0u64;
+    loop {
+        let delivery = tokio::select! {
+            d = consumer.next() => d,
+            _ = term.recv() => break,
+        };
+        let Some(delivery) = delivery else { break };
+        let delivery = delivery?;
+        if let Some(to) = delivery.properties.reply_to() {
+            let mut properties =
+                BasicProperties::default().with_content_type("application/json".into());
+            if let Some(id) = delivery.properties.correlation_id() {
+                properties = properties.with_correlation_id(id.clone());
+            }
+            channel
+                .basic_publish(
+                    "".into(),
+                    to.clone(),
+                    BasicPublishOptions::default(),
+                    br#"{"ok":true}"#,
+                    properties,
+                )
+                .await?;
+        }
+        delivery.ack(BasicAckOptions::default()).await?;
+        answered += 1;
+    }
+    emit(json!({"answered": answered}));
     conn.close(200, "done".into()).await?;
     Ok(())
 }
