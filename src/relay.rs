@@ -54,7 +54,9 @@ use crate::amqp::{Connected, Connector};
 use crate::cli::RelayArgs;
 use crate::config::Config;
 use crate::error::{Exit, code};
-use crate::publish::{Outgoing, close, loss_text, open_channel, return_reason, soft_error};
+use crate::publish::{
+    Outgoing, close, connection_lost, loss_text, open_channel, return_reason, soft_error,
+};
 use crate::shutdown::{self, Shutdown};
 use crate::spool::read::{self, Progress};
 use crate::spool::{FAILED, LOCK, QUEUE, Spool};
@@ -631,7 +633,7 @@ impl Relay {
                 Err(_) => unconfirmed.push(f),
             }
         }
-        let connection_up = connected.connection.status().connected();
+        let connection_up = connected.connection.status().connected() && !connection_lost(&first);
         if refusal.is_none() && connection_up && !channel.status().connected() {
             refusal = Some(format!("the broker closed the channel ({first})"));
         }

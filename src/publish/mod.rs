@@ -96,7 +96,9 @@ use failed::FailedFile;
 use input::{Item, Read, Source};
 pub use input::{parse_header, parse_line, parse_severity};
 use pipeline::InFlight;
-pub(crate) use pipeline::{Outgoing, close, loss_text, open_channel, return_reason, soft_error};
+pub(crate) use pipeline::{
+    Outgoing, close, connection_lost, loss_text, open_channel, return_reason, soft_error,
+};
 use progress::Progress;
 use report::plural;
 

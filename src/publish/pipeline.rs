@@ -431,7 +431,7 @@ impl Publisher {
                 Err(_) => pending.push(f.out),
             }
         }
-        let connection_up = connected.connection.status().connected();
+        let connection_up = connected.connection.status().connected() && !connection_lost(&first);
         if refusal.is_none() && connection_up && !channel.status().connected() {
             refusal = Some(format!("the broker closed the channel ({first})"));
         }
@@ -529,6 +529,20 @@ pub(crate) fn soft_error(err: &lapin::Error) -> Option<String> {
     }
 }
 
+/// Whether `err` says the connection itself is gone (reset, closed, silent), whatever lapin's
+/// connection status says yet: it is updated after the error reaches the publisher, so a
+/// reset read as "the connection is up" would stop publishing as if fm had failed (exit 1)
+/// instead of reconnecting.
+pub(crate) fn connection_lost(err: &lapin::Error) -> bool {
+    match err.kind() {
+        ErrorKind::IOError(_)
+        | ErrorKind::InvalidConnectionState(_)
+        | ErrorKind::MissingHeartbeatError => true,
+        ErrorKind::ProtocolError(amqp) => matches!(amqp.kind(), AMQPErrorKind::Hard(_)),
+        _ => false,
+    }
+}
+
 /// What a lost connection looks like, in words: lapin reports a publish on a dead
 /// connection as an "invalid channel state".
 pub(crate) fn loss_text(err: &lapin::Error) -> String {
@@ -565,6 +579,23 @@ pub(crate) async fn close(connected: &Connected) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reset socket is a lost connection even before lapin marks the connection down (a
+    /// full run once saw exit 1 instead of a reconnect); fm's own errors are not.
+    #[test]
+    fn a_reset_or_closed_connection_is_a_loss_whatever_the_status_says() {
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(connection_lost(&lapin::Error::from(reset)));
+        assert!(connection_lost(&lapin::Error::from(
+            ErrorKind::MissingHeartbeatError
+        )));
+        assert!(!connection_lost(&lapin::Error::from(
+            ErrorKind::FutureCompleted
+        )));
+        assert!(!connection_lost(&lapin::Error::from(
+            ErrorKind::ChannelsLimitReached
+        )));
+    }
 
     #[test]
     fn outgoing_applies_the_topic_prefix_and_refuses_long_routing_keys() {
