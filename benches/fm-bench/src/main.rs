@@ -179,13 +179,7 @@ async fn consume(url: &str, queues: &str, prefetch: u16, count: u64) -> Result<(
         let mut consumer = consumers.pop().expect("one consumer");
         let mut acked = 0u64;
         let mut first = None;
-        loop {
-            let delivery = tokio::select! {
-                d = consumer.next() => d,
-                _ = term.recv() => break,
-            };
-            let Some(delivery) = delivery else { break };
-            let delivery = delivery?;
+        while let Some(delivery) = next_or_term(&mut consumer, &mut term).await? {
             first.get_or_insert_with(Instant::now);
             delivery.ack(BasicAckOptions::default()).await?;
             acked += 1;
@@ -203,6 +197,17 @@ async fn consume(url: &str, queues: &str, prefetch: u16, count: u64) -> Result<(
     emit(json!({"acked": acked, "secs": secs}));
     conn.close(200, "done".into()).await?;
     Ok(())
+}
+
+/// The next delivery, or `None` once SIGTERM came or the consumer ended.
+async fn next_or_term(
+    consumer: &mut lapin::Consumer,
+    term: &mut tokio::signal::unix::Signal,
+) -> Result<Option<lapin::message::Delivery>> {
+    tokio::select! {
+        d = consumer.next() => Ok(d.transpose()?),
+        _ = term.recv() => Ok(None),
+    }
 }
 
 /// The request/reply baseline: answer every request with `{"ok":true}`, then ack it.
@@ -229,13 +234,7 @@ async fn rpc_serve(url: &str, queue: &str, prefetch: u16) -> Result<()> {
     emit(json!({"serving": true}));
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut answered = 0u64;
-    loop {
-        let delivery = tokio::select! {
-            d = consumer.next() => d,
-            _ = term.recv() => break,
-        };
-        let Some(delivery) = delivery else { break };
-        let delivery = delivery?;
+    while let Some(delivery) = next_or_term(&mut consumer, &mut term).await? {
         if let Some(to) = delivery.properties.reply_to() {
             let mut properties =
                 BasicProperties::default().with_content_type("application/json".into());
