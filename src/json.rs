@@ -653,7 +653,7 @@ fn write_code_point(out: &mut String, code: u32, ensure_ascii: bool) {
 mod tests {
     use super::*;
 
-    /// Issue 15: the run-at-a-time copy writes what the code point at a time writing wrote.
+    /// Issue 15: strings are scanned a run at a time; a run stops where the byte loop stopped.
     #[test]
     fn a_plain_run_ends_at_a_quote_a_backslash_or_a_control_character() {
         assert_eq!(plain_run(b""), 0);
@@ -691,6 +691,7 @@ mod tests {
         assert_eq!(&text[49_999..50_002], "x\ny");
     }
 
+    /// Issue 15: the run-at-a-time copy writes what the code point at a time writing wrote.
     #[test]
     fn long_plain_runs_and_the_escapes_between_them_are_written_as_python_writes_them() {
         let a = "a".repeat(5000);

@@ -482,7 +482,7 @@ mod tests {
         p.settle(big(4, 2 * WINDOW_BYTES), Confirmation::Ack(None));
         let ids: Vec<&str> = p.recent.iter().map(|o| o.id()).collect();
         assert_eq!(ids, ["id-4"]);
-        // A late return still finds it, and the count of bytes goes back to nothing.
+        // A late return still finds it, and its bytes leave the count.
         p.settle(outgoing(5), Confirmation::Ack(Some(returned("id-4"))));
         assert_eq!(p.failed.len(), 1);
         assert_eq!(p.recent_bytes, 2, "only id-5 is left");
