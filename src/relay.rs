@@ -47,7 +47,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{Channel, Confirmation, PublisherConfirm};
 use rustix::fs::FlockOperation;
-use tokio::sync::mpsc;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::amqp::backoff::{Backoff, HEALTHY_AFTER};
 use crate::amqp::{Connected, Connector};
@@ -55,7 +55,8 @@ use crate::cli::RelayArgs;
 use crate::config::Config;
 use crate::error::{Exit, code};
 use crate::publish::{
-    Outgoing, close, connection_lost, loss_text, open_channel, return_reason, soft_error,
+    Outgoing, WINDOW_BYTES, close, connection_lost, loss_text, open_channel, return_reason,
+    soft_error, window_has_room,
 };
 use crate::shutdown::{self, Shutdown};
 use crate::spool::read::{self, Progress};
@@ -121,7 +122,9 @@ pub async fn run(config: &Config, args: &RelayArgs) -> anyhow::Result<u8> {
         ledger: VecDeque::new(),
         base: 0,
         in_flight: VecDeque::new(),
+        in_flight_bytes: 0,
         recent: VecDeque::new(),
+        recent_bytes: 0,
         returned: HashMap::new(),
         probe: 0,
         reader: None,
@@ -213,6 +216,8 @@ enum Item {
         batch: Arc<Batch>,
         line: u64,
         out: Box<Outgoing>,
+        /// Its share of [`READ_AHEAD_BYTES`], given back once the relay takes it.
+        _budget: OwnedSemaphorePermit,
     },
     /// A line that was not a message (already moved aside).
     Bad { batch: Arc<Batch>, line: u64 },
@@ -262,8 +267,14 @@ struct Relay {
     /// The sequence number of `ledger[0]`.
     base: u64,
     in_flight: VecDeque<Flight>,
-    /// The last confirmed messages, for returns that come after their confirm.
+    /// The sizes of their bodies, added up: the window is [`WINDOW`] messages and
+    /// [`WINDOW_BYTES`], as `fm publish`'s.
+    in_flight_bytes: usize,
+    /// The last confirmed messages (without their encoded bodies), for returns that come after
+    /// their confirm; a window long.
     recent: VecDeque<(Arc<Batch>, Box<Outgoing>)>,
+    /// The sizes of their bodies, added up.
+    recent_bytes: usize,
     /// Returns not matched to their message yet: message id → why.
     returned: HashMap<String, String>,
     /// Messages still to send one at a time, to find the one the broker refuses.
@@ -364,6 +375,7 @@ impl Relay {
         self.flush();
         self.ledger.clear();
         self.in_flight.clear();
+        self.in_flight_bytes = 0;
         self.reader = None;
         let mark = self.marks.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.reader = Some(spawn_reader(
@@ -378,8 +390,12 @@ impl Relay {
         self.rewind();
         let mut health = tokio::time::interval(crate::notify::health_interval());
         loop {
-            let window = if self.probe > 0 { 1 } else { WINDOW };
-            let room = self.ledger.len() < WINDOW && self.in_flight.len() < window;
+            let room = self.ledger.len() < WINDOW
+                && if self.probe > 0 {
+                    self.in_flight.is_empty()
+                } else {
+                    window_has_room(self.in_flight.len(), self.in_flight_bytes, 0)
+                };
             // Record progress when nothing is in flight, or when the window is full and a
             // good part of it is done: a write per confirm would cost a system call per message
             // and send one message per confirm; [`FLUSH_EVERY`] at once keeps the pipe full.
@@ -427,7 +443,7 @@ impl Relay {
                     }
                 }
                 Event::Confirm(Ok(confirmation)) => {
-                    let f = self.in_flight.pop_front().expect("it was just polled");
+                    let f = self.take_oldest().expect("it was just polled");
                     self.settle(f, confirmation);
                 }
                 Event::Confirm(Err(err)) => return self.abort(connected, channel, err).await,
@@ -438,7 +454,9 @@ impl Relay {
     /// Take an item from the reader: send a message, record the others.
     async fn take(&mut self, channel: &Channel, item: Item) -> lapin::Result<()> {
         let (batch, line, end) = match item {
-            Item::Message { batch, line, out } => {
+            Item::Message {
+                batch, line, out, ..
+            } => {
                 let confirm = out.publish(channel, &batch.exchange, batch.options).await?;
                 let seq = self.base + self.ledger.len() as u64;
                 self.ledger.push_back(Slot {
@@ -447,6 +465,7 @@ impl Relay {
                     end: false,
                     done: false,
                 });
+                self.in_flight_bytes += out.size;
                 self.in_flight.push_back(Flight {
                     seq,
                     batch,
@@ -481,6 +500,7 @@ impl Relay {
             match self.recent.iter().rposition(|(_, o)| o.id() == id) {
                 Some(pos) => {
                     let (batch, out) = self.recent.remove(pos).expect("the position is valid");
+                    self.recent_bytes -= out.size;
                     self.stats.spool.sent.fetch_sub(1, Relaxed);
                     self.fail(&batch, &out, &why);
                 }
@@ -501,13 +521,27 @@ impl Relay {
             None => {
                 Stats::bump(&self.stats.spool.sent);
                 Stats::bump(&self.stats.published);
-                self.recent.push_back((Arc::clone(&f.batch), f.out));
-                if self.recent.len() > WINDOW {
-                    self.recent.pop_front();
+                let mut out = f.out;
+                // A message returned late is written to the failed area from `message`.
+                out.body = Vec::new();
+                self.recent_bytes += out.size;
+                self.recent.push_back((Arc::clone(&f.batch), out));
+                while self.recent.len() > 1
+                    && (self.recent.len() > WINDOW || self.recent_bytes > WINDOW_BYTES)
+                {
+                    let (_, old) = self.recent.pop_front().expect("more than one");
+                    self.recent_bytes -= old.size;
                 }
             }
         }
         self.done(f.seq);
+    }
+
+    /// The oldest message in flight, out of the window.
+    fn take_oldest(&mut self) -> Option<Flight> {
+        let f = self.in_flight.pop_front()?;
+        self.in_flight_bytes -= f.out.size;
+        Some(f)
     }
 
     /// How many messages at the head of the ledger are done (ready to be recorded).
@@ -603,7 +637,7 @@ impl Relay {
     /// in flight, record what is done.
     async fn drain(&mut self) -> ChannelEnd {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
-        while let Some(mut f) = self.in_flight.pop_front() {
+        while let Some(mut f) = self.take_oldest() {
             match tokio::time::timeout_at(deadline, &mut f.confirm).await {
                 Ok(Ok(confirmation)) => self.settle(f, confirmation),
                 Ok(Err(_)) | Err(_) => break,
@@ -623,7 +657,7 @@ impl Relay {
     ) -> ChannelEnd {
         let mut refusal = soft_error(&first);
         let mut unconfirmed = Vec::new();
-        while let Some(mut f) = self.in_flight.pop_front() {
+        while let Some(mut f) = self.take_oldest() {
             match tokio::time::timeout(Duration::from_secs(1), &mut f.confirm).await {
                 Ok(Ok(confirmation)) => self.settle(f, confirmation),
                 Ok(Err(err)) => {
@@ -687,15 +721,39 @@ fn spawn_reader(spool: Spool, mark: Option<(String, u64)>, stats: Arc<Stats>) ->
     let (tx, items) = mpsc::channel(WINDOW);
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = Arc::clone(&stop);
+    let ahead = ReadAhead {
+        budget: Arc::new(Semaphore::new(READ_AHEAD_BYTES)),
+        runtime: tokio::runtime::Handle::current(),
+    };
     std::thread::Builder::new()
         .name("fm-spool-reader".into())
         .spawn(move || {
-            if let Err(err) = read_spool(&spool, mark, &stats, &tx, &stopped) {
+            if let Err(err) = read_spool(&spool, mark, &stats, &tx, &ahead, &stopped) {
                 tracing::error!("reading the spool {}: {err:#}", spool.root().display());
             }
         })
         .expect("spawning the spool reader thread");
     Reader { items, stop }
+}
+
+/// How many bytes of batch lines the reader parses ahead of the relay, besides its
+/// [`WINDOW`] items: batches of big messages must not be read into memory faster than they are
+/// sent. A longer line still goes, alone.
+const READ_AHEAD_BYTES: usize = 8 << 20;
+
+/// The reader's budget of bytes read ahead, which it waits for on its own thread.
+struct ReadAhead {
+    budget: Arc<Semaphore>,
+    runtime: tokio::runtime::Handle,
+}
+
+impl ReadAhead {
+    /// Wait until a line of `len` bytes may be read ahead; `None` when the relay is gone.
+    fn take(&self, len: usize) -> Option<OwnedSemaphorePermit> {
+        let share = len.clamp(1, READ_AHEAD_BYTES) as u32;
+        let wanted = Arc::clone(&self.budget).acquire_many_owned(share);
+        self.runtime.block_on(wanted).ok()
+    }
 }
 
 /// The reader's loop; returns when stopped (`Ok`) or on an error it cannot get past.
@@ -704,6 +762,7 @@ fn read_spool(
     mark: Option<(String, u64)>,
     stats: &Stats,
     tx: &mpsc::Sender<Item>,
+    ahead: &ReadAhead,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let mut after: Option<String> = None;
@@ -766,6 +825,9 @@ fn read_spool(
                     continue;
                 }
                 seq += 1;
+                let Some(budget) = ahead.take(buf.len()) else {
+                    return Ok(());
+                };
                 let message = crate::publish::parse_line(&buf).and_then(|m| {
                     Outgoing::new(seq, line as usize, m, &reader.header.topic_prefix)
                 });
@@ -774,6 +836,7 @@ fn read_spool(
                         batch: Arc::clone(&batch),
                         line,
                         out: Box::new(out),
+                        _budget: budget,
                     },
                     Err(why) => {
                         read::quarantine_line(spool, &entry.file_name, line, &buf, &why);
@@ -794,4 +857,59 @@ fn read_spool(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spool::{FORMAT, Header, write};
+
+    /// The spool reader parses at most READ_AHEAD_BYTES (8 MiB) of messages ahead of the relay
+    /// (besides its WINDOW items), and reads on as the relay takes them.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_reader_reads_ahead_by_a_bounded_number_of_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path()).unwrap();
+        let header = Header {
+            format: FORMAT,
+            exchange: "amq.topic".into(),
+            topic_prefix: String::new(),
+            mandatory: true,
+        };
+        let text = "x".repeat(3 << 20);
+        let line = format!("{{\"topic\": \"t\", \"body\": {{\"t\": \"{text}\"}}}}");
+        let message = crate::publish::parse_line(line.as_bytes()).unwrap();
+        let mut batch = write::Batch::create(&spool, &header).unwrap();
+        for _ in 0..6 {
+            batch.push(&message).unwrap();
+        }
+        batch.commit().unwrap();
+
+        let mut reader = spawn_reader(spool, None, Arc::new(Stats::default()));
+        // Two 3 MiB lines fit in 8 MiB, a third does not: the reader waits.
+        let settled = async {
+            while reader.items.len() < 2 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), settled)
+            .await
+            .expect("the reader sends two messages");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(reader.items.len(), 2, "no third message before one is taken");
+        // Taking them lets it go on, to the batch's end.
+        let mut messages = 0;
+        loop {
+            let item = tokio::time::timeout(Duration::from_secs(10), reader.items.recv())
+                .await
+                .expect("the reader goes on")
+                .expect("an item");
+            match item {
+                Item::Message { .. } => messages += 1,
+                Item::End { .. } => break,
+                Item::Bad { .. } => panic!("a good message read as bad"),
+            }
+        }
+        assert_eq!(messages, 6);
+    }
 }

@@ -98,6 +98,7 @@ pub use input::{parse_header, parse_line, parse_severity};
 use pipeline::InFlight;
 pub(crate) use pipeline::{
     Outgoing, close, connection_lost, loss_text, open_channel, return_reason, soft_error,
+    window_has_room,
 };
 use progress::Progress;
 use report::plural;

@@ -81,7 +81,7 @@ impl Outgoing {
 
 /// Whether a message of `size` bytes may join `count` messages of `bytes` in flight: the
 /// window is [`WINDOW`] messages and [`WINDOW_BYTES`], but one message always goes.
-pub(super) fn window_has_room(count: usize, bytes: usize, size: usize) -> bool {
+pub(crate) fn window_has_room(count: usize, bytes: usize, size: usize) -> bool {
     count == 0 || (count < WINDOW && bytes + size <= WINDOW_BYTES)
 }
 
