@@ -896,7 +896,11 @@ mod tests {
             .await
             .expect("the reader sends two messages");
         tokio::time::sleep(Duration::from_millis(300)).await;
-        assert_eq!(reader.items.len(), 2, "no third message before one is taken");
+        assert_eq!(
+            reader.items.len(),
+            2,
+            "no third message before one is taken"
+        );
         // Taking them lets it go on, to the batch's end.
         let mut messages = 0;
         loop {

@@ -10,7 +10,7 @@ use lapin::Channel;
 use lapin::options::{QueueBindOptions, QueueDeclareOptions};
 
 use super::errors::{self, NOT_FOUND};
-use crate::config::Config;
+use crate::config::{Config, Queue};
 use crate::error::{Exit, code};
 
 /// A queue fm consumes from.
@@ -24,60 +24,56 @@ pub struct DeclaredQueue {
     pub ready: u32,
 }
 
-/// Declare every configured queue and apply every binding. `vhost` is only used in errors.
-pub async fn declare(
+/// Declare the configured queue `name` and apply the bindings to it (one `queue_bind` per
+/// routing key). `vhost` is only used in
+/// errors. Each queue can be declared on a channel of its own, all at once.
+pub async fn declare_queue(
     channel: &Channel,
     config: &Config,
+    (name, queue): (&str, &Queue),
     vhost: &str,
-) -> anyhow::Result<Vec<DeclaredQueue>> {
-    let mut declared = Vec::with_capacity(config.queues.len());
-    for (name, queue) in &config.queues {
-        let options = QueueDeclareOptions {
-            passive: config.passive_declares,
-            durable: queue.durable,
-            exclusive: queue.exclusive,
-            auto_delete: queue.auto_delete,
-            nowait: false,
-        };
-        let args = super::arguments(&queue.arguments)
-            .map_err(|e| Exit::new(code::USAGE, e.context(format!("queue '{name}'"))))?;
-        let q = channel
-            .queue_declare(name.as_str().into(), options, args)
-            .await
-            .map_err(|e| {
-                let err = errors::describe(e);
-                let what = if config.passive_declares && errors::reply_code(&err) == Some(NOT_FOUND)
-                {
-                    format!(
-                        "queue '{name}' does not exist in vhost '{vhost}' (passive_declares is \
-                         on, so fm does not create it)"
-                    )
-                } else {
-                    format!("cannot declare queue '{name}' in vhost '{vhost}'")
-                };
-                declaration_error(err.context(what))
-            })?;
-        tracing::debug!(
-            queue = q.name().as_str(),
-            messages = q.message_count(),
-            "queue declared"
-        );
-        declared.push(DeclaredQueue {
-            configured: name.clone(),
-            name: q.name().as_str().to_owned(),
-            ready: q.message_count(),
-        });
-    }
-    for binding in &config.bindings {
-        let Some(queue) = declared.iter().find(|q| q.configured == binding.queue) else {
-            continue;
-        };
+) -> anyhow::Result<DeclaredQueue> {
+    let options = QueueDeclareOptions {
+        passive: config.passive_declares,
+        durable: queue.durable,
+        exclusive: queue.exclusive,
+        auto_delete: queue.auto_delete,
+        nowait: false,
+    };
+    let args = super::arguments(&queue.arguments)
+        .map_err(|e| Exit::new(code::USAGE, e.context(format!("queue '{name}'"))))?;
+    let q = channel
+        .queue_declare(name.into(), options, args)
+        .await
+        .map_err(|e| {
+            let err = errors::describe(e);
+            let what = if config.passive_declares && errors::reply_code(&err) == Some(NOT_FOUND) {
+                format!(
+                    "queue '{name}' does not exist in vhost '{vhost}' (passive_declares is on, \
+                     so fm does not create it)"
+                )
+            } else {
+                format!("cannot declare queue '{name}' in vhost '{vhost}'")
+            };
+            declaration_error(err.context(what))
+        })?;
+    tracing::debug!(
+        queue = q.name().as_str(),
+        messages = q.message_count(),
+        "queue declared"
+    );
+    let declared = DeclaredQueue {
+        configured: name.to_owned(),
+        name: q.name().as_str().to_owned(),
+        ready: q.message_count(),
+    };
+    for binding in config.bindings.iter().filter(|b| b.queue == name) {
         let args = super::arguments(&binding.arguments)
             .map_err(|e| Exit::new(code::USAGE, e.context("binding arguments")))?;
         for key in &binding.routing_keys {
             channel
                 .queue_bind(
-                    queue.name.as_str().into(),
+                    declared.name.as_str().into(),
                     binding.exchange.as_str().into(),
                     key.as_str().into(),
                     QueueBindOptions::default(),
@@ -94,7 +90,7 @@ pub async fn declare(
                     declaration_error(err.context(format!(
                         "cannot bind queue '{}' to exchange '{}' with routing key '{key}' in \
                          vhost '{vhost}'{hint}",
-                        queue.name, binding.exchange
+                        declared.name, binding.exchange
                     )))
                 })?;
         }

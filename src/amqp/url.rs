@@ -33,16 +33,14 @@ use lapin::uri::{
 
 use crate::limits;
 
-/// The frame size fm proposes when the URL does not set `frame_max` (pika proposes 131072).
+/// The frame size fm proposes when the URL does not set `frame_max` (pika's default, and
+/// RabbitMQ's largest by default).
 ///
-/// lapin keeps two ring buffers of 32 frames each (what it reads, what it writes) for the life
-/// of the connection, and their cursors walk the whole ring before wrapping: every page of both
-/// ends up resident. At 131072 bytes that is 8 MiB, touched a little more with every message (an
-/// ack is 21 bytes of the send ring: RSS rose by about 20 bytes per message for 200,000
-/// messages). At 16 KiB it is 1 MiB, walked within the first 25,000 acks, and then RSS is flat.
-/// Bodies are split into more frames, which measured no slower for 1 and 16 MiB bodies
-/// (BENCHMARKS.md).
-pub const DEFAULT_FRAME_MAX: u32 = 16_384;
+/// Not smaller, although lapin's frame buffers grow with it (fm's fork of lapin keeps them at
+/// 4 frames: vendor/lapin/FORK.md): the broker passes a message's header frame on as its
+/// publisher sent it, so a consumer whose frames are smaller than a publisher's must refuse a
+/// message with large headers, and loses its connection on it again and again.
+pub const DEFAULT_FRAME_MAX: u32 = 131_072;
 
 /// One broker URL, parsed.
 #[derive(Clone, PartialEq)]
@@ -318,8 +316,8 @@ pub fn parse(raw: &str) -> anyhow::Result<BrokerUrl> {
             }
         }
     }
-    // Proposing nothing ends at the broker's size (131072), and lapin then grows its two frame
-    // buffers to it after the handshake, writing 8 MB of zeros that stay resident; proposed up
+    // Proposing nothing ends at the same size (the broker's), but lapin then grows its two
+    // frame buffers to it after the handshake, writing zeros that stay resident; proposed up
     // front, the buffers are allocated at that size and only the pages in use are touched.
     query.frame_max.get_or_insert(DEFAULT_FRAME_MAX);
     Ok(BrokerUrl {
@@ -497,7 +495,7 @@ mod tests {
     }
 
     #[test]
-    fn frame_max_is_proposed_up_front_unless_the_url_says() {
+    fn frame_max_is_proposed_as_pika_does_unless_the_url_says() {
         // Proposed up front so that lapin never grows (and dirties) its frame buffers.
         assert_eq!(
             parse("amqp://h/").unwrap().uri.query.frame_max,

@@ -32,22 +32,10 @@ pub(super) async fn run(
     let conn = &connected.connection;
     let vhost = connected.vhost.as_str();
     ctx.stats.set_broker(Some(&connected.url));
-    let queues = match declare_all(ctx, conn, vhost).await {
-        Ok(q) => q,
+    let consumers = match set_up_all(ctx, conn, vhost).await {
+        Ok(c) => c,
         Err(err) => return classify(err),
     };
-
-    let prefetch = effective_prefetch(&ctx.config);
-    let mut consumers: Vec<(Channel, Consumer, DeclaredQueue)> = Vec::with_capacity(queues.len());
-    for queue in queues {
-        match register(ctx, conn, &queue, prefetch).await {
-            Ok((channel, consumer)) => {
-                ctx.stats.register_queue(&queue.name, &queue.configured);
-                consumers.push((channel, consumer, queue));
-            }
-            Err(err) => return classify(err),
-        }
-    }
     // Replies to requests go out on a channel of their own, in confirm mode (reply.rs).
     let replier = match Replier::open(&connected.connection).await {
         Ok(r) => Arc::new(r),
@@ -166,24 +154,51 @@ async fn drain(
     }
 }
 
-async fn declare_all(
-    ctx: &Context,
-    conn: &lapin::Connection,
+/// Declare every queue, bind it and register a consumer on it, each queue on its own channel
+/// and all at once: one after the other, each queue's five round trips (channel, declare, bind,
+/// QoS, consume) added up to 0.8 s before READY with 200 queues. The result is in the order of
+/// the configuration; the first failure to come back is the error.
+async fn set_up_all(
+    ctx: &Arc<Context>,
+    conn: &Arc<lapin::Connection>,
     vhost: &str,
-) -> anyhow::Result<Vec<DeclaredQueue>> {
-    let channel = conn.create_channel().await.map_err(errors::describe)?;
-    let queues = declare::declare(&channel, &ctx.config, vhost).await?;
-    let _ = channel.close(200, "declared".into()).await;
-    Ok(queues)
+) -> anyhow::Result<Vec<(Channel, Consumer, DeclaredQueue)>> {
+    let prefetch = effective_prefetch(&ctx.config);
+    let mut setting_up = tokio::task::JoinSet::new();
+    for i in 0..ctx.config.queues.len() {
+        let (ctx, conn, vhost) = (Arc::clone(ctx), Arc::clone(conn), vhost.to_owned());
+        setting_up.spawn(async move {
+            let (name, queue) = &ctx.config.queues[i];
+            let set_up = async {
+                let channel = conn.create_channel().await.map_err(errors::describe)?;
+                let declared =
+                    declare::declare_queue(&channel, &ctx.config, (name, queue), &vhost).await?;
+                let consumer = register(&ctx, &channel, &declared, prefetch).await?;
+                anyhow::Ok((channel, consumer, declared))
+            };
+            (i, set_up.await)
+        });
+    }
+    let mut set_up: Vec<Option<(Channel, Consumer, DeclaredQueue)>> =
+        ctx.config.queues.iter().map(|_| None).collect();
+    while let Some(joined) = setting_up.join_next().await {
+        let (i, result) = joined.map_err(|e| anyhow!("setting up a queue: {e}"))?;
+        set_up[i] = Some(result?);
+    }
+    let consumers: Vec<_> = set_up.into_iter().flatten().collect();
+    for (_, _, queue) in &consumers {
+        ctx.stats.register_queue(&queue.name, &queue.configured);
+    }
+    Ok(consumers)
 }
 
+/// Set the QoS on `channel` and register the consumer of `queue`.
 async fn register(
     ctx: &Context,
-    conn: &lapin::Connection,
+    channel: &Channel,
     queue: &DeclaredQueue,
     prefetch: u16,
-) -> anyhow::Result<(Channel, Consumer)> {
-    let channel = conn.create_channel().await.map_err(errors::describe)?;
+) -> anyhow::Result<Consumer> {
     channel
         .basic_qos(prefetch, BasicQosOptions { global: false })
         .await
@@ -211,7 +226,7 @@ async fn register(
         queue.name,
         ctx.handler.describe()
     );
-    Ok((channel, consumer))
+    Ok(consumer)
 }
 
 /// The prefetch count: the configured one, raised to twice the concurrency a queue may use

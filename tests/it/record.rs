@@ -206,7 +206,7 @@ async fn a_message_whose_line_cannot_be_written_stays_queued() {
 /// Each line is on disk before its message is acked: while fm still runs the file already
 /// holds every line, and SIGTERM then ends it cleanly (exit 0) with the queue empty. The
 /// application name is "recorder" unless --app-name says otherwise, and its connection runs
-/// with the 16 KiB frames fm proposes (the URL sets no `frame_max`).
+/// with the 128 KiB frames fm proposes (the URL sets no `frame_max`).
 #[tokio::test]
 async fn lines_are_written_before_the_ack_and_sigterm_ends_cleanly() {
     let Some(b) = broker() else { return };
@@ -226,7 +226,7 @@ async fn lines_are_written_before_the_ack_and_sigterm_ends_cleanly() {
         .await;
     let ours = connections.lines().find(|l| l.contains("recorder"));
     assert!(
-        ours.is_some_and(|l| l.starts_with("16384\t")),
+        ours.is_some_and(|l| l.starts_with("131072\t")),
         "{connections}"
     );
     fm.kill("TERM");
