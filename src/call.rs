@@ -139,27 +139,7 @@ async fn connect(
     timeout: Duration,
 ) -> anyhow::Result<(Connected, Channel, Consumer)> {
     let connector = Connector::new(config)?;
-    let connected = match tokio::time::timeout(timeout, connector.connect()).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(err)) if crate::error::exit_code_of(&err) == code::PERMISSION => {
-            return Err(Exit::new(code::FAILURE, err));
-        }
-        Ok(Err(err)) => {
-            return Err(Exit::new(
-                code::PUBLISH_TIMEOUT,
-                err.context("the broker is unreachable"),
-            ));
-        }
-        Err(_) => {
-            return Err(Exit::new(
-                code::PUBLISH_TIMEOUT,
-                anyhow!(
-                    "the broker is unreachable: no connection within {:.0} s (--timeout)",
-                    timeout.as_secs_f64()
-                ),
-            ));
-        }
-    };
+    let connected = connector.connect_within(timeout).await?;
     let channel = open_channel(&connected)
         .await
         .map_err(|e| Exit::new(code::PUBLISH_TIMEOUT, e))?;

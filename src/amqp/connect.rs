@@ -173,6 +173,29 @@ impl Connector {
             .join(", ")
     }
 
+    /// [`Connector::connect`] within `timeout`, for the commands that send once and exit (`fm
+    /// call`, `fm publish --transaction`), with `fm publish`'s exit codes: a refused login is 1
+    /// (fedora-messaging's uncaught `ConnectionException`), a broker not reached in time 111.
+    pub async fn connect_within(&self, timeout: Duration) -> anyhow::Result<Connected> {
+        match tokio::time::timeout(timeout, self.connect()).await {
+            Ok(Ok(c)) => Ok(c),
+            Ok(Err(err)) if crate::error::exit_code_of(&err) == code::PERMISSION => {
+                Err(Exit::new(code::FAILURE, err))
+            }
+            Ok(Err(err)) => Err(Exit::new(
+                code::PUBLISH_TIMEOUT,
+                err.context("the broker is unreachable"),
+            )),
+            Err(_) => Err(Exit::new(
+                code::PUBLISH_TIMEOUT,
+                anyhow!(
+                    "the broker is unreachable: no connection within {:.0} s (--timeout)",
+                    timeout.as_secs_f64()
+                ),
+            )),
+        }
+    }
+
     /// One round over the URLs in random order, each tried `connection_attempts` times;
     /// the first that completes the handshake wins. The error lists every failure
     /// and asks for exit code 14 (15 when a broker refused the login).

@@ -58,26 +58,7 @@ pub(super) async fn run(
         _ = shutdown.triggered() => {
             return Err(Exit::new(code::ROLLED_BACK, anyhow!("interrupted before connecting; nothing was published")));
         }
-        c = tokio::time::timeout(args.timeout, connector.connect()) => c,
-    };
-    let connected = match connected {
-        Ok(Ok(c)) => c,
-        Ok(Err(err)) => {
-            return Err(Exit::new(
-                code::PUBLISH_TIMEOUT,
-                err.context("nothing was published"),
-            ));
-        }
-        Err(_) => {
-            return Err(Exit::new(
-                code::PUBLISH_TIMEOUT,
-                anyhow!(
-                    "no connection to the broker within {:.0} s (--timeout); nothing was \
-                     published",
-                    args.timeout.as_secs_f64()
-                ),
-            ));
-        }
+        c = connector.connect_within(args.timeout) => c.context("nothing was published")?,
     };
     let tx = Tx {
         exchange,

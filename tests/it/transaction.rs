@@ -128,3 +128,38 @@ async fn a_connection_lost_mid_transaction_publishes_nothing() {
     assert!(stderr.contains("rolled back"), "{stderr}");
     assert_eq!(b.queue_depth(&queue).await, 0);
 }
+
+/// Connecting fails as with plain `fm publish` (and `fm call`, which connects the same way): a
+/// broker not reached within `--timeout` is 111, a refused login 1; either way nothing was
+/// published, and fm says so.
+#[tokio::test]
+async fn no_broker_is_111_and_a_refused_login_1_before_anything_is_published() {
+    let Some(b) = broker() else { return };
+    let cases = [
+        (
+            "amqp://guest:guest@127.0.0.1:1/%2F".to_owned(),
+            111,
+            "unreachable",
+        ),
+        (
+            b.url().replacen("guest:guest@", "guest:wrong@", 1),
+            1,
+            "refused the login",
+        ),
+    ];
+    for (url, code, says) in cases {
+        let fm = Fm::new().config_toml(&format!("amqp_url = \"{url}\"\n"));
+        let path = fm.write_file("good.jsonl", file(None));
+        let out = fm
+            .args(["publish", "--transaction", "--timeout", "5"])
+            .arg(&path)
+            .run()
+            .await;
+        out.assert_code(code);
+        assert!(
+            out.stderr.contains(says) && out.stderr.contains("nothing was published"),
+            "{}",
+            out.stderr
+        );
+    }
+}
