@@ -265,7 +265,7 @@ impl Channels {
             self.internal_rpc.clone(),
             self.events.clone(),
         )
-        .start(self.channel0())
+        .start(self.channel0(), self.frames.clone())
         .await?;
 
         trace!("Connection recovered, now recovering channels");

@@ -273,7 +273,7 @@ impl Connection {
             conn.configuration.negotiated_config.clone(),
             channels.clone(),
             internal_rpc.handle(),
-            frames,
+            frames.clone(),
             socket_state,
             heartbeat,
             runtime,
@@ -284,10 +284,11 @@ impl Connection {
 
         internal_rpc.start(channels);
         conn.io_loop.register(io_loop.start()?);
-        conn.start(channel0).await
+        conn.start(channel0, frames).await
     }
 
-    pub(crate) async fn start(self, channel0: Channel) -> Result<Self> {
+    pub(crate) async fn start(self, channel0: Channel, frames: Frames) -> Result<Self> {
+        let status = self.status.clone();
         let (promise, resolver) = Promise::new("ProtocolHeader");
 
         trace!("Set connection as connecting");
@@ -303,6 +304,15 @@ impl Connection {
             )),
             None,
         );
+
+        // The I/O loop may have failed between set_connecting() and send_frame() above: it
+        // poisoned the status and rejected the connection steps registered then, which did
+        // not include ours yet, and it is gone. Reject ours with its error; if the loop
+        // fails later, it finds our step and rejects it itself. (fm fork: without this, the
+        // promise below never resolved.)
+        if let Some(err) = status.take_poison() {
+            frames.clear_connection_steps(&err);
+        }
 
         trace!("Sent protocol header to server, waiting for connection flow");
         promise.await

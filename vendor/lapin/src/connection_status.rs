@@ -111,6 +111,10 @@ impl ConnectionStatus {
         self.write().poison(err);
     }
 
+    pub(crate) fn take_poison(&self) -> Option<Error> {
+        self.write().poison.take()
+    }
+
     pub(crate) fn auto_close(&self) -> bool {
         [ConnectionState::Connecting, ConnectionState::Connected].contains(&self.state())
     }
