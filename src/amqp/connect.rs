@@ -414,9 +414,11 @@ impl Connector {
                 }
                 Failure::new(io_text(io))
             }
-            ErrorKind::InvalidProtocolVersion(version) => {
-                Failure::new(format!("{host}:{port} speaks AMQP {version:?}, not 0-9-1"))
-            }
+            ErrorKind::InvalidProtocolVersion(version) => Failure::new(version_failure(
+                host,
+                port,
+                (version.major, version.minor, version.revision),
+            )),
             ErrorKind::ParsingError(_) => Failure::new(format!(
                 "{host}:{port} did not answer in AMQP; {}",
                 if url.is_tls() {
@@ -653,6 +655,20 @@ fn client_properties(config: &Config) -> ConnectionProperties {
     props.with_connection_name(LongString::from(format!("fm: {name}")))
 }
 
+/// Why a peer that answered fm's protocol header with one of its own is not a broker fm can
+/// use. A broker sends its header only to refuse fm's version; a peer that sends 0-9-1 back
+/// echoes what it reads (an echo service, or a socket that reached itself).
+fn version_failure(host: &str, port: u16, (major, minor, revision): (u8, u8, u8)) -> String {
+    if (major, minor, revision) == (0, 9, 1) {
+        format!(
+            "{host}:{port} sent fm's own AMQP 0-9-1 header back instead of starting the \
+             handshake: it echoes what it reads and is not an AMQP broker"
+        )
+    } else {
+        format!("{host}:{port} speaks AMQP {major}-{minor}-{revision}; fm speaks AMQP 0-9-1")
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -689,6 +705,15 @@ mod tests {
         assert!(timeout_text(what, Step::AmqpHandshake, false).ends_with("needs amqps://)"));
         assert!(timeout_text(what, Step::Connecting, false).contains("firewall"));
         assert!(timeout_text(what, Step::Resolving, false).ends_with("looking up the host name"));
+    }
+
+    #[test]
+    fn a_peer_with_its_own_protocol_header_is_named_plainly() {
+        assert_eq!(
+            version_failure("h", 5672, (1, 0, 0)),
+            "h:5672 speaks AMQP 1-0-0; fm speaks AMQP 0-9-1"
+        );
+        assert!(version_failure("h", 7, (0, 9, 1)).contains("echoes what it reads"));
     }
 
     #[test]
