@@ -6,12 +6,15 @@
 //! published. An invalid line stops the call with exit status 2 and nothing spooled, unless
 //! `--keep-going` skips it. If the spool cannot take the batch (a full disk, a missing,
 //! read-only or forbidden folder) the call fails with exit status 28 and nothing of it is
-//! spooled: the batch becomes visible only by its final rename.
+//! spooled: the batch becomes visible only by its final rename. The one exception is a failed
+//! `fsync` of `queue/` after that rename, also exit status 28, whose message says the batch
+//! is spooled but may not survive a crash of the machine.
 
 use std::path::PathBuf;
 
 use super::*;
-use crate::spool::{self, Header, Spool, write::Batch};
+use crate::spool::write::{Batch, CommitError};
+use crate::spool::{self, Header, Spool};
 
 /// Spool what the arguments describe into `dir`.
 pub(super) async fn run(
@@ -82,7 +85,18 @@ pub(super) async fn run(
         let name = if batch.is_empty() {
             None
         } else {
-            Some(batch.commit().map_err(unwritable)?)
+            Some(batch.commit().map_err(|e| match e {
+                CommitError::NotSpooled(e) => unwritable(e),
+                CommitError::NotSynced { name, err } => Exit::new(
+                    code::SPOOL_FAILED,
+                    anyhow!(
+                        "spooled into {} as {name}, but syncing its queue/ folder failed: \
+                         {err}; the relay will send the batch, unless the machine crashes \
+                         first (sending it again may duplicate its messages)",
+                        dir.display()
+                    ),
+                ),
+            })?)
         };
         anyhow::Ok((count, name, invalid, last_id, spool))
     })

@@ -1,7 +1,9 @@
 //! The durable enqueue: a batch is written under `tmp/`, `fsync`ed, given a stamp under the
-//! clock's lock, renamed into `queue/` (never over another file), and `queue/` is `fsync`ed.
-//! Until the rename nothing of it is visible to the relay; if anything fails the temporary
-//! file is removed, so a full disk leaves nothing half-written behind.
+//! clock's lock (written to the clock first), renamed into `queue/` (never over another file),
+//! and `queue/` is `fsync`ed. Until the rename nothing of it is visible to the relay; if
+//! anything before it fails the temporary file is removed, so a full disk leaves nothing
+//! half-written behind. Only the last `fsync` comes after the rename: its failure is told
+//! apart ([`CommitError::NotSynced`]), because the batch is then spooled, but not durably.
 
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write as _};
@@ -12,6 +14,22 @@ use rustix::fs::{FlockOperation, RenameFlags};
 
 use super::{CLOCK, Header, Name, QUEUE, Spool, TMP, now_ns, sync_folder};
 use crate::message::Message;
+
+/// Why [`Batch::commit`] failed.
+#[derive(Debug)]
+pub enum CommitError {
+    /// Nothing of the batch is in `queue/` (a full disk, an I/O error before the rename).
+    NotSpooled(io::Error),
+    /// The batch is in `queue/` as `name`, and the relay will send it, but `queue/` could not
+    /// be synced: a crash of the machine before its next sync may lose it.
+    NotSynced { name: String, err: io::Error },
+}
+
+impl From<io::Error> for CommitError {
+    fn from(err: io::Error) -> CommitError {
+        CommitError::NotSpooled(err)
+    }
+}
 
 /// A batch being written. Dropping it without [`Batch::commit`] removes the temporary file.
 pub struct Batch {
@@ -66,7 +84,7 @@ impl Batch {
     }
 
     /// Make the batch durable and visible to the relay; returns its name in `queue/`.
-    pub fn commit(mut self) -> io::Result<String> {
+    pub fn commit(mut self) -> Result<String, CommitError> {
         let file = self.file.take().expect("open until committed");
         let file = file.into_inner().map_err(io::IntoInnerError::into_error)?;
         file.sync_all()?;
@@ -80,20 +98,26 @@ impl Batch {
                     count: self.count,
                 }
                 .format(std::process::id());
+                // The clock before the rename: a clock that cannot be written (a full disk,
+                // when the first batch makes the file) then fails the call with nothing
+                // spooled, and a stamp once visible in queue/ is never given out again.
+                clock.set(stamp)?;
                 match rename_no_replace(&self.tmp, &queue.join(&name)) {
                     Ok(()) => {
                         self.committed = true;
-                        clock.set(stamp)?;
                         break name;
                     }
                     // Only if the clock file was lost: take the next stamp.
                     Err(e) if e.kind() == io::ErrorKind::AlreadyExists => stamp += 1,
-                    Err(e) => return Err(e),
+                    Err(e) => return Err(e.into()),
                 }
             }
         };
         drop(file); // releases the writer's lock
-        sync_folder(&queue)?;
+        sync_folder(&queue).map_err(|err| CommitError::NotSynced {
+            name: name.clone(),
+            err,
+        })?;
         Ok(name)
     }
 }

@@ -125,6 +125,43 @@ fn files_in(dir: &Path) -> Vec<String> {
     names
 }
 
+/// A small tmpfs, unmounted when dropped: a disk that fills up on cue. Mounting needs root;
+/// without it the test is skipped (it fails under CI=true).
+struct Tmpfs {
+    path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output();
+        match mounted {
+            Ok(out) if out.status.success() => Some(Tmpfs {
+                path: dir.path().to_owned(),
+                _dir: dir,
+            }),
+            other => {
+                util::skip(&format!(
+                    "cannot mount a {size} tmpfs (needs root): {other:?}"
+                ));
+                None
+            }
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
 /// The acceptance test: the broker stopped, 8 writer processes enqueue 10,000 messages (every
 /// call returns 0), the broker started, the relay delivers them all, each writer's order kept,
 /// no duplicate.
@@ -489,33 +526,15 @@ async fn refused_messages_go_to_the_failed_area_and_a_second_relay_is_refused() 
 #[tokio::test]
 async fn a_full_spool_fails_clearly_and_what_was_spooled_is_delivered() {
     let Some(b) = broker() else { return };
-    let mount = tempfile::tempdir().unwrap();
-    let mounted = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(mount.path())
-        .output();
-    match mounted {
-        Ok(out) if out.status.success() => {}
-        other => {
-            util::skip(&format!(
-                "cannot mount a 64 KiB tmpfs (needs root): {other:?}"
-            ));
-            return;
-        }
-    }
-    struct Unmount(PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _unmount = Unmount(mount.path().to_owned());
+    let Some(mount) = Tmpfs::mount("64k") else {
+        return;
+    };
     let (exchange, queue) = exchange_and_queue(&b, "spool-full").await;
     let config = queue_config(&b, &exchange, &queue);
     let mut expected = Vec::new();
     let mut failure = None;
     for c in 0..100 {
-        let out = spool_file(&config, mount.path(), &lines(0, c * 50, 50), &[]).await;
+        let out = spool_file(&config, &mount.path, &lines(0, c * 50, 50), &[]).await;
         match out.code() {
             Some(0) => expected.extend((c * 50..c * 50 + 50).map(|i| format!("w0-{i:06}"))),
             _ => {
@@ -533,15 +552,49 @@ async fn a_full_spool_fails_clearly_and_what_was_spooled_is_delivered() {
         out.stderr
     );
     assert!(
-        files_in(&mount.path().join("tmp")).is_empty(),
+        files_in(&mount.path.join("tmp")).is_empty(),
         "nothing half-written"
     );
     assert!(!expected.is_empty());
-    let fm = relay(&config, mount.path());
+    let fm = relay(&config, &mount.path);
     let got = collect_ids(&b, &queue, expected.len(), Duration::from_secs(30)).await;
     fm.kill("TERM");
     let mut want = BTreeMap::new();
     want.insert("w0".to_owned(), expected);
     assert_eq!(check_delivery(&got, &want), 0);
     fm.wait().await.assert_code(0);
+}
+
+/// The first batch of a spool creates its clock file. When the disk fills up just then (the
+/// batch took the last page), the call fails with nothing spooled, and says so truly: the
+/// clock is written before the batch is renamed into `queue/`, never after.
+#[tokio::test]
+async fn a_disk_full_at_the_first_clock_write_spools_nothing() {
+    let Some(mount) = Tmpfs::mount("8k") else {
+        return;
+    };
+    // One of the two pages: the batch takes the other, and the clock finds none.
+    let filler = mount.path.join("filler");
+    std::fs::write(&filler, vec![0u8; 4096]).unwrap();
+    let spool = mount.path.join("spool");
+    std::fs::create_dir(&spool).unwrap();
+    // No broker: spooling never talks to one.
+    let config = "amqp_url = \"amqp://127.0.0.1:1/%2F\"\n";
+    let out = spool_file(config, &spool, &lines(0, 0, 1), &[]).await;
+    out.assert_code(28);
+    assert!(
+        out.stderr.contains("No space left on device")
+            && out.stderr.contains("nothing was spooled"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(files_in(&spool.join("queue")), Vec::<String>::new());
+    assert_eq!(files_in(&spool.join("tmp")), Vec::<String>::new());
+
+    // With room again, the same call spools its batch.
+    std::fs::remove_file(&filler).unwrap();
+    spool_file(config, &spool, &lines(0, 0, 1), &[])
+        .await
+        .assert_code(0);
+    assert_eq!(files_in(&spool.join("queue")).len(), 1);
 }
