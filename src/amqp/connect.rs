@@ -20,11 +20,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::anyhow;
-use futures_lite::AsyncReadExt;
+use futures_lite::{AsyncReadExt, StreamExt as _};
 use lapin::tcp::{AsyncTcpStream, RustlsConnector};
 use lapin::types::LongString;
 use lapin::uri::SASLMechanism;
-use lapin::{Connection, ConnectionProperties, ErrorKind};
+use lapin::{Connection, ConnectionProperties, ErrorKind, Event};
 use serde_json::Value;
 use tokio::time::Instant;
 
@@ -212,6 +212,7 @@ impl Connector {
                 match self.connect_one(url).await {
                     Ok(connection) => {
                         tracing::info!(broker = %url.redacted, "connected");
+                        log_blocking(&connection, url.redacted.clone());
                         return Ok(Connected {
                             connection: Arc::new(connection),
                             url: url.redacted.clone(),
@@ -653,6 +654,34 @@ fn client_properties(config: &Config) -> ConnectionProperties {
         .and_then(Value::as_str)
         .unwrap_or("fm");
     props.with_connection_name(LongString::from(format!("fm: {name}")))
+}
+
+/// Log the broker's `connection.blocked` and `connection.unblocked`, for as long as the
+/// connection lives. RabbitMQ blocks a connection that publishes while one of its resource
+/// alarms (memory, disk) is on; nothing is lost, but publishing (and so `fm publish`, the
+/// relay, and a consumer's replies) waits until the alarm clears, and without this line an
+/// operator sees a stuck process with nothing in its log. fm does not tear the connection down
+/// after `blocked_connection_timeout` as pika does: a new connection would be blocked again,
+/// and every command that waits on the broker has a limit of its own (`--timeout`).
+fn log_blocking(connection: &Connection, broker: String) {
+    let mut events = connection.events_listener();
+    tokio::spawn(async move {
+        // The stream ends when the connection is dropped.
+        while let Some(event) = events.next().await {
+            match event {
+                Event::ConnectionBlocked(reason) => tracing::warn!(
+                    broker = %broker,
+                    "the broker blocks publishing on this connection: {reason} (a resource \
+                     alarm); messages wait until it clears"
+                ),
+                Event::ConnectionUnblocked => tracing::info!(
+                    broker = %broker,
+                    "the broker unblocked this connection: publishing goes on"
+                ),
+                _ => {}
+            }
+        }
+    });
 }
 
 /// Why a peer that answered fm's protocol header with one of its own is not a broker fm can

@@ -16,7 +16,7 @@
 //! | `retry_delay` | seconds between two attempts on this URL, 0 to 86400 (default 2) |
 //! | `channel_max`, `frame_max` | proposed to the broker (1–65535; 4096–131072 bytes) |
 //! | `auth_mechanism` | `plain`, `amqplain` or `external` (default: EXTERNAL when `[tls]` has a client certificate, else PLAIN) |
-//! | `locale`, `blocked_connection_timeout` | accepted, no effect |
+//! | `locale`, `blocked_connection_timeout` | accepted, no effect (fm logs a blocked connection instead, `connect.rs`) |
 //! | `ssl_options`, `client_properties`, `tcp_options`, others | refused, naming the `[tls]` / `[client_properties]` table to use instead |
 //!
 //! Passwords never reach a log or an error: [`redact`], the one redactor, replaces them with

@@ -599,6 +599,39 @@ fn piped(config: &str, args: &[&str]) -> (FmProcess, PathBuf, tempfile::TempDir)
     (fm, failed, keep)
 }
 
+/// A broker whose memory alarm is on blocks fm's connection as soon as it publishes. fm says so
+/// in its log (a stuck publisher with a silent log is what operators curse), keeps its
+/// messages (none saved as failed), and goes on when the alarm clears.
+#[tokio::test]
+async fn a_blocked_connection_is_logged_and_publishing_resumes_when_the_alarm_clears() {
+    let Some(b) = broker() else { return };
+    let node = b.extra_node("publish-blocked");
+    let (exchange, queue) = exchange_and_queue(&node, "blocked").await;
+    let config = queue_config(&node, &exchange, &queue);
+    // A high watermark of one byte: the node's memory alarm goes on at once.
+    node.rabbitmqctl(&["set_vm_memory_high_watermark", "absolute", "1"])
+        .await;
+    let (text, ids) = numbered_lines(20);
+    let (mut fm, failed, _keep) = piped(&config, &["--timeout", "120"]);
+    fm.write_stdin(&text).await;
+    fm.wait_for_stderr("the broker blocks publishing on this connection")
+        .await;
+    assert!(fm.stderr().contains("memory"), "{}", fm.stderr());
+    node.rabbitmqctl(&["set_vm_memory_high_watermark", "0.4"])
+        .await;
+    fm.close_stdin();
+    let out = fm.wait_within(Duration::from_secs(60)).await;
+    out.assert_code(0);
+    assert!(
+        out.stderr.contains("the broker unblocked this connection"),
+        "{}",
+        out.stderr
+    );
+    assert!(lines(&failed).is_empty());
+    let got: BTreeSet<String> = node.drain_ids(&queue).await.into_iter().collect();
+    assert_eq!(got, ids.into_iter().collect::<BTreeSet<_>>());
+}
+
 /// A broker restart within `--timeout` loses nothing (fm reconnects and sends the unconfirmed
 /// messages again); a broker gone for longer ends fm with 111, and `--failed` then holds the
 /// messages that were not confirmed, so that publishing it completes the set.
