@@ -125,6 +125,18 @@ fn files_in(dir: &Path) -> Vec<String> {
     names
 }
 
+/// A call refused for a full disk: exit status 28, the OS's words, and the promise that
+/// nothing of it was spooled.
+fn assert_full_and_nothing_spooled(out: &util::FmOutput) {
+    out.assert_code(28);
+    assert!(
+        out.stderr.contains("No space left on device")
+            && out.stderr.contains("nothing was spooled"),
+        "{}",
+        out.stderr
+    );
+}
+
 /// A small tmpfs, unmounted when dropped: a disk that fills up on cue. Mounting needs root;
 /// without it the test is skipped (it fails under CI=true).
 struct Tmpfs {
@@ -544,13 +556,7 @@ async fn a_full_spool_fails_clearly_and_what_was_spooled_is_delivered() {
         }
     }
     let out = failure.expect("a 64 KiB spool fills up");
-    out.assert_code(28);
-    assert!(
-        out.stderr.contains("No space left on device")
-            && out.stderr.contains("nothing was spooled"),
-        "{}",
-        out.stderr
-    );
+    assert_full_and_nothing_spooled(&out);
     assert!(
         files_in(&mount.path.join("tmp")).is_empty(),
         "nothing half-written"
@@ -581,13 +587,7 @@ async fn a_disk_full_at_the_first_clock_write_spools_nothing() {
     // No broker: spooling never talks to one.
     let config = "amqp_url = \"amqp://127.0.0.1:1/%2F\"\n";
     let out = spool_file(config, &spool, &lines(0, 0, 1), &[]).await;
-    out.assert_code(28);
-    assert!(
-        out.stderr.contains("No space left on device")
-            && out.stderr.contains("nothing was spooled"),
-        "{}",
-        out.stderr
-    );
+    assert_full_and_nothing_spooled(&out);
     assert_eq!(files_in(&spool.join("queue")), Vec::<String>::new());
     assert_eq!(files_in(&spool.join("tmp")), Vec::<String>::new());
 
