@@ -47,7 +47,7 @@ use lapin::options::BasicPublishOptions;
 use lapin::types::ShortString;
 use lapin::{Channel, Confirmation, PublisherConfirm};
 use rustix::fs::FlockOperation;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::amqp::backoff::{Backoff, HEALTHY_AFTER};
 use crate::amqp::{Connected, Connector};
@@ -55,8 +55,8 @@ use crate::cli::RelayArgs;
 use crate::config::Config;
 use crate::error::{Exit, code};
 use crate::publish::{
-    Outgoing, WINDOW_BYTES, close, connection_lost, loss_text, open_channel, return_reason,
-    soft_error, window_has_room,
+    Carries, Outgoing, ReadAhead, Recent, close, connection_lost, loss_text, open_channel,
+    return_reason, soft_error, window_has_room,
 };
 use crate::shutdown::{self, Shutdown};
 use crate::spool::read::{self, Progress};
@@ -123,8 +123,7 @@ pub async fn run(config: &Config, args: &RelayArgs) -> anyhow::Result<u8> {
         base: 0,
         in_flight: VecDeque::new(),
         in_flight_bytes: 0,
-        recent: VecDeque::new(),
-        recent_bytes: 0,
+        recent: Recent::new(),
         returned: HashMap::new(),
         probe: 0,
         reader: None,
@@ -216,7 +215,7 @@ enum Item {
         batch: Arc<Batch>,
         line: u64,
         out: Box<Outgoing>,
-        /// Its share of [`READ_AHEAD_BYTES`], given back once the relay takes it.
+        /// Its share of the read-ahead budget ([`ReadAhead`]), given back once the relay takes it.
         _budget: OwnedSemaphorePermit,
     },
     /// A line that was not a message (already moved aside).
@@ -268,13 +267,10 @@ struct Relay {
     base: u64,
     in_flight: VecDeque<Flight>,
     /// The sizes of their bodies, added up: the window is [`WINDOW`] messages and
-    /// [`WINDOW_BYTES`], as `fm publish`'s.
+    /// `WINDOW_BYTES`, as `fm publish`'s.
     in_flight_bytes: usize,
-    /// The last confirmed messages (without their encoded bodies), for returns that come after
-    /// their confirm; a window long.
-    recent: VecDeque<(Arc<Batch>, Box<Outgoing>)>,
-    /// The sizes of their bodies, added up.
-    recent_bytes: usize,
+    /// The last confirmed messages, for returns that come after their confirm.
+    recent: Recent<(Arc<Batch>, Box<Outgoing>)>,
     /// Returns not matched to their message yet: message id → why.
     returned: HashMap<String, String>,
     /// Messages still to send one at a time, to find the one the broker refuses.
@@ -497,10 +493,8 @@ impl Relay {
         };
         if let Some(r) = returned {
             let (id, why) = return_reason(&r);
-            match self.recent.iter().rposition(|(_, o)| o.id() == id) {
-                Some(pos) => {
-                    let (batch, out) = self.recent.remove(pos).expect("the position is valid");
-                    self.recent_bytes -= out.size;
+            match self.recent.take(&id) {
+                Some((batch, out)) => {
                     self.stats.spool.sent.fetch_sub(1, Relaxed);
                     self.fail(&batch, &out, &why);
                 }
@@ -521,17 +515,7 @@ impl Relay {
             None => {
                 Stats::bump(&self.stats.spool.sent);
                 Stats::bump(&self.stats.published);
-                let mut out = f.out;
-                // A message returned late is written to the failed area from `message`.
-                out.body = Vec::new();
-                self.recent_bytes += out.size;
-                self.recent.push_back((Arc::clone(&f.batch), out));
-                while self.recent.len() > 1
-                    && (self.recent.len() > WINDOW || self.recent_bytes > WINDOW_BYTES)
-                {
-                    let (_, old) = self.recent.pop_front().expect("more than one");
-                    self.recent_bytes -= old.size;
-                }
+                self.recent.push((Arc::clone(&f.batch), f.out));
             }
         }
         self.done(f.seq);
@@ -721,8 +705,8 @@ fn spawn_reader(spool: Spool, mark: Option<(String, u64)>, stats: Arc<Stats>) ->
     let (tx, items) = mpsc::channel(WINDOW);
     let stop = Arc::new(AtomicBool::new(false));
     let stopped = Arc::clone(&stop);
-    let ahead = ReadAhead {
-        budget: Arc::new(Semaphore::new(READ_AHEAD_BYTES)),
+    let ahead = Budget {
+        ahead: ReadAhead::new(),
         runtime: tokio::runtime::Handle::current(),
     };
     std::thread::Builder::new()
@@ -736,23 +720,25 @@ fn spawn_reader(spool: Spool, mark: Option<(String, u64)>, stats: Arc<Stats>) ->
     Reader { items, stop }
 }
 
-/// How many bytes of batch lines the reader parses ahead of the relay, besides its
-/// [`WINDOW`] items: batches of big messages must not be read into memory faster than they are
-/// sent. A longer line still goes, alone.
-const READ_AHEAD_BYTES: usize = 8 << 20;
+impl Carries for (Arc<Batch>, Box<Outgoing>) {
+    fn outgoing(&self) -> &Outgoing {
+        &self.1
+    }
+    fn outgoing_mut(&mut self) -> &mut Outgoing {
+        &mut self.1
+    }
+}
 
-/// The reader's budget of bytes read ahead, which it waits for on its own thread.
-struct ReadAhead {
-    budget: Arc<Semaphore>,
+/// The reader's budget of bytes read ahead (`fm publish`'s, [`ReadAhead`]), waited for on the
+/// reader's own thread.
+struct Budget {
+    ahead: ReadAhead,
     runtime: tokio::runtime::Handle,
 }
 
-impl ReadAhead {
-    /// Wait until a line of `len` bytes may be read ahead; `None` when the relay is gone.
-    fn take(&self, len: usize) -> Option<OwnedSemaphorePermit> {
-        let share = len.clamp(1, READ_AHEAD_BYTES) as u32;
-        let wanted = Arc::clone(&self.budget).acquire_many_owned(share);
-        self.runtime.block_on(wanted).ok()
+impl Budget {
+    fn take(&self, len: usize) -> OwnedSemaphorePermit {
+        self.runtime.block_on(self.ahead.take(len))
     }
 }
 
@@ -762,7 +748,7 @@ fn read_spool(
     mark: Option<(String, u64)>,
     stats: &Stats,
     tx: &mpsc::Sender<Item>,
-    ahead: &ReadAhead,
+    ahead: &Budget,
     stop: &AtomicBool,
 ) -> anyhow::Result<()> {
     let mut after: Option<String> = None;
@@ -825,9 +811,7 @@ fn read_spool(
                     continue;
                 }
                 seq += 1;
-                let Some(budget) = ahead.take(buf.len()) else {
-                    return Ok(());
-                };
+                let budget = ahead.take(buf.len());
                 let message = crate::publish::parse_line(&buf).and_then(|m| {
                     Outgoing::new(seq, line as usize, m, &reader.header.topic_prefix)
                 });

@@ -132,10 +132,31 @@ pub(super) struct Read {
     pub(super) _budget: Option<OwnedSemaphorePermit>,
 }
 
-/// How many bytes of input lines the reader parses ahead of the publisher, besides its 256
-/// lines: a file of 16 MiB messages must not be read into memory faster than it is sent. A
-/// longer line still goes, alone.
+/// How many bytes of lines a reader parses ahead of what publishes them (`fm publish`'s input
+/// reader, `fm relay`'s spool reader), besides the lines its channel holds: a file of 16 MiB
+/// messages must not be read into memory faster than it is sent.
 const READ_AHEAD_BYTES: usize = 8 << 20;
+
+/// A reader's budget of [`READ_AHEAD_BYTES`]: each line parsed holds its share until the line is
+/// taken (its permit dropped).
+#[derive(Clone)]
+pub(crate) struct ReadAhead(Arc<Semaphore>);
+
+impl ReadAhead {
+    pub(crate) fn new() -> ReadAhead {
+        ReadAhead(Arc::new(Semaphore::new(READ_AHEAD_BYTES)))
+    }
+
+    /// Wait until a line of `len` bytes may be held. A line longer than the whole budget waits
+    /// for all of it, and then goes, alone.
+    pub(crate) async fn take(&self, len: usize) -> OwnedSemaphorePermit {
+        let share = len.clamp(1, READ_AHEAD_BYTES) as u32;
+        Arc::clone(&self.0)
+            .acquire_many_owned(share)
+            .await
+            .expect("the budget is never closed")
+    }
+}
 
 /// Where the messages come from, before reading starts.
 pub(super) enum Source {
@@ -216,7 +237,7 @@ impl Source {
     /// parallel with publishing. The channel bounds how far it reads ahead.
     pub(super) fn spawn_reader(self, name: String) -> mpsc::Receiver<Read> {
         let (tx, rx) = mpsc::channel(256);
-        let budget = Arc::new(Semaphore::new(READ_AHEAD_BYTES));
+        let budget = ReadAhead::new();
         tokio::spawn(async move {
             let mut reader = match self {
                 Source::One(message) => {
@@ -239,11 +260,7 @@ impl Source {
             loop {
                 buf.clear();
                 let read = reader.read_until(b'\n', &mut buf).await;
-                // Never more than the whole budget, so that a line longer than it still goes.
-                let share = buf.len().clamp(1, READ_AHEAD_BYTES) as u32;
-                let Ok(permit) = Arc::clone(&budget).acquire_many_owned(share).await else {
-                    return;
-                };
+                let permit = budget.take(buf.len()).await;
                 let item = match read {
                     Ok(0) => return,
                     Ok(n) => {

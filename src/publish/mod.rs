@@ -93,12 +93,13 @@ mod spooled;
 mod transaction;
 
 use failed::FailedFile;
+pub(crate) use input::ReadAhead;
 use input::{Item, Read, Source};
 pub use input::{parse_header, parse_line, parse_severity};
 use pipeline::InFlight;
 pub(crate) use pipeline::{
-    Outgoing, close, connection_lost, loss_text, open_channel, return_reason, soft_error,
-    window_has_room,
+    Carries, Outgoing, Recent, close, connection_lost, loss_text, open_channel, return_reason,
+    soft_error, window_has_room,
 };
 use progress::Progress;
 use report::plural;
@@ -162,13 +163,8 @@ struct Publisher {
     in_flight: VecDeque<InFlight>,
     /// The sizes of their bodies, added up (at most [`WINDOW_BYTES`] but for a lone message).
     in_flight_bytes: usize,
-    /// The last confirmed messages, without their encoded bodies. lapin hands a
-    /// `basic.return` to whichever confirm completes next, which may be a later message's, so
-    /// a return may name a message already taken as confirmed: they are kept a window long
-    /// ([`WINDOW`] messages, [`WINDOW_BYTES`]) to be found by id.
-    recent: VecDeque<Outgoing>,
-    /// The sizes of their bodies, added up.
-    recent_bytes: usize,
+    /// The last confirmed messages, for returns that come after their confirm.
+    recent: Recent<Outgoing>,
     /// Returns not matched to their message yet: message id → why.
     returned: HashMap<String, String>,
     /// Messages not published, and why.
@@ -213,8 +209,7 @@ impl Publisher {
             retry: VecDeque::new(),
             in_flight: VecDeque::new(),
             in_flight_bytes: 0,
-            recent: VecDeque::new(),
-            recent_bytes: 0,
+            recent: Recent::new(),
             returned: HashMap::new(),
             failed: Vec::new(),
             invalid: Vec::new(),
@@ -463,10 +458,10 @@ mod tests {
         for seq in 1..=(WINDOW as u64 + 5) {
             p.settle(outgoing(seq), Confirmation::Ack(None));
         }
-        assert_eq!(p.recent.len(), WINDOW);
-        assert_eq!(p.recent.front().map(|o| o.id()), Some("id-6"));
+        assert_eq!(p.recent.iter().count(), WINDOW);
+        assert_eq!(p.recent.iter().next().map(|o| o.id()), Some("id-6"));
         assert!(p.recent.iter().all(|o| o.body.is_empty() && o.size == 2));
-        assert_eq!(p.recent_bytes, 2 * WINDOW);
+        assert_eq!(p.recent.bytes(), 2 * WINDOW);
 
         // Big ones: as many as fit in WINDOW_BYTES, but always the last one.
         let mut p = publisher();
@@ -486,7 +481,7 @@ mod tests {
         // A late return still finds it, and its bytes leave the count.
         p.settle(outgoing(5), Confirmation::Ack(Some(returned("id-4"))));
         assert_eq!(p.failed.len(), 1);
-        assert_eq!(p.recent_bytes, 2, "only id-5 is left");
+        assert_eq!(p.recent.bytes(), 2, "only id-5 is left");
     }
 
     /// The reader parses ahead of the publisher by at most READ_AHEAD_BYTES (8 MiB) of lines,

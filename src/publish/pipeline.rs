@@ -85,6 +85,72 @@ pub(crate) fn window_has_room(count: usize, bytes: usize, size: usize) -> bool {
     count == 0 || (count < WINDOW && bytes + size <= WINDOW_BYTES)
 }
 
+/// What carries a message being published: `fm publish`'s entries and `fm relay`'s (which add
+/// the batch the message came from).
+pub(crate) trait Carries {
+    fn outgoing(&self) -> &Outgoing;
+    fn outgoing_mut(&mut self) -> &mut Outgoing;
+}
+
+impl Carries for Outgoing {
+    fn outgoing(&self) -> &Outgoing {
+        self
+    }
+    fn outgoing_mut(&mut self) -> &mut Outgoing {
+        self
+    }
+}
+
+/// The last confirmed messages. lapin hands a `basic.return` to whichever confirm completes
+/// next, which may be a later message's, so a return may name a message already taken as
+/// confirmed: they are kept a window long ([`WINDOW`] messages and [`WINDOW_BYTES`] of the
+/// bodies they had, but always the last one) to be found by id. Their encoded bodies go at
+/// once: a message returned late is written out from its `message`.
+pub(crate) struct Recent<T> {
+    items: VecDeque<T>,
+    /// The sizes of their bodies, added up.
+    bytes: usize,
+}
+
+impl<T: Carries> Recent<T> {
+    pub(crate) fn new() -> Recent<T> {
+        Recent {
+            items: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Keep a confirmed message, letting the oldest go beyond a window.
+    pub(crate) fn push(&mut self, mut item: T) {
+        let out = item.outgoing_mut();
+        out.body = Vec::new();
+        self.bytes += out.size;
+        self.items.push_back(item);
+        while self.items.len() > 1 && (self.items.len() > WINDOW || self.bytes > WINDOW_BYTES) {
+            let old = self.items.pop_front().expect("more than one");
+            self.bytes -= old.outgoing().size;
+        }
+    }
+
+    /// The latest kept message with this id, taken out.
+    pub(crate) fn take(&mut self, id: &str) -> Option<T> {
+        let pos = self.items.iter().rposition(|i| i.outgoing().id() == id)?;
+        let item = self.items.remove(pos)?;
+        self.bytes -= item.outgoing().size;
+        Some(item)
+    }
+
+    #[cfg(test)]
+    pub(crate) fn iter(&self) -> impl Iterator<Item = &T> {
+        self.items.iter()
+    }
+
+    #[cfg(test)]
+    pub(crate) fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
 /// A message sent and waiting for its confirm.
 pub(super) struct InFlight {
     pub(super) out: Outgoing,
@@ -336,7 +402,7 @@ impl Publisher {
                     None => {
                         self.published += 1;
                         self.last_id = out.message.id.clone();
-                        self.remember(out);
+                        self.recent.push(out);
                     }
                 }
             }
@@ -368,28 +434,11 @@ impl Publisher {
         Some(f)
     }
 
-    /// Keep a confirmed message a window long, for a return that names it late. Its encoded
-    /// body is not needed any more (a message returned late is written to `--failed` from
-    /// `message`), so it is let go at once.
-    fn remember(&mut self, mut out: Outgoing) {
-        out.body = Vec::new();
-        self.recent_bytes += out.size;
-        self.recent.push_back(out);
-        while self.recent.len() > 1
-            && (self.recent.len() > WINDOW || self.recent_bytes > WINDOW_BYTES)
-        {
-            let old = self.recent.pop_front().expect("more than one");
-            self.recent_bytes -= old.size;
-        }
-    }
-
     /// A message came back (`basic.return`): find it by id among the confirmed messages,
     /// or remember it for when its confirm comes.
     pub(super) fn on_return(&mut self, r: BasicReturnMessage) {
         let (id, why) = return_reason(&r);
-        if let Some(pos) = self.recent.iter().rposition(|o| o.id() == id) {
-            let out = self.recent.remove(pos).expect("the position is valid");
-            self.recent_bytes -= out.size;
+        if let Some(out) = self.recent.take(&id) {
             self.published -= 1;
             self.refused(out, why);
         } else {
