@@ -55,8 +55,8 @@ use crate::cli::RelayArgs;
 use crate::config::Config;
 use crate::error::{Exit, code};
 use crate::publish::{
-    Carries, Outgoing, ReadAhead, Recent, close, connection_lost, loss_text, open_channel,
-    return_reason, soft_error, window_has_room,
+    Carries, InFlightQueue, Outgoing, ReadAhead, Recent, close, connection_lost, loss_text,
+    open_channel, return_reason, soft_error,
 };
 use crate::shutdown::{self, Shutdown};
 use crate::spool::read::{self, Progress};
@@ -121,8 +121,7 @@ pub async fn run(config: &Config, args: &RelayArgs) -> anyhow::Result<u8> {
         drain_timeout: config.shutdown_timeout,
         ledger: VecDeque::new(),
         base: 0,
-        in_flight: VecDeque::new(),
-        in_flight_bytes: 0,
+        in_flight: InFlightQueue::new(),
         recent: Recent::new(),
         returned: HashMap::new(),
         probe: 0,
@@ -265,10 +264,8 @@ struct Relay {
     ledger: VecDeque<Slot>,
     /// The sequence number of `ledger[0]`.
     base: u64,
-    in_flight: VecDeque<Flight>,
-    /// The sizes of their bodies, added up: the window is [`WINDOW`] messages and
-    /// `WINDOW_BYTES`, as `fm publish`'s.
-    in_flight_bytes: usize,
+    /// The window is `fm publish`'s: [`WINDOW`] messages and `WINDOW_BYTES`.
+    in_flight: InFlightQueue<Flight>,
     /// The last confirmed messages, for returns that come after their confirm.
     recent: Recent<(Arc<Batch>, Box<Outgoing>)>,
     /// Returns not matched to their message yet: message id → why.
@@ -371,7 +368,6 @@ impl Relay {
         self.flush();
         self.ledger.clear();
         self.in_flight.clear();
-        self.in_flight_bytes = 0;
         self.reader = None;
         let mark = self.marks.lock().unwrap_or_else(|e| e.into_inner()).clone();
         self.reader = Some(spawn_reader(
@@ -390,7 +386,7 @@ impl Relay {
                 && if self.probe > 0 {
                     self.in_flight.is_empty()
                 } else {
-                    window_has_room(self.in_flight.len(), self.in_flight_bytes, 0)
+                    self.in_flight.has_room_for(0)
                 };
             // Record progress when nothing is in flight, or when the window is full and a
             // good part of it is done: a write per confirm would cost a system call per message
@@ -439,7 +435,7 @@ impl Relay {
                     }
                 }
                 Event::Confirm(Ok(confirmation)) => {
-                    let f = self.take_oldest().expect("it was just polled");
+                    let f = self.in_flight.pop_front().expect("it was just polled");
                     self.settle(f, confirmation);
                 }
                 Event::Confirm(Err(err)) => return self.abort(connected, channel, err).await,
@@ -461,8 +457,7 @@ impl Relay {
                     end: false,
                     done: false,
                 });
-                self.in_flight_bytes += out.size;
-                self.in_flight.push_back(Flight {
+                self.in_flight.push(Flight {
                     seq,
                     batch,
                     out,
@@ -519,13 +514,6 @@ impl Relay {
             }
         }
         self.done(f.seq);
-    }
-
-    /// The oldest message in flight, out of the window.
-    fn take_oldest(&mut self) -> Option<Flight> {
-        let f = self.in_flight.pop_front()?;
-        self.in_flight_bytes -= f.out.size;
-        Some(f)
     }
 
     /// How many messages at the head of the ledger are done (ready to be recorded).
@@ -621,7 +609,7 @@ impl Relay {
     /// in flight, record what is done.
     async fn drain(&mut self) -> ChannelEnd {
         let deadline = tokio::time::Instant::now() + self.drain_timeout;
-        while let Some(mut f) = self.take_oldest() {
+        while let Some(mut f) = self.in_flight.pop_front() {
             match tokio::time::timeout_at(deadline, &mut f.confirm).await {
                 Ok(Ok(confirmation)) => self.settle(f, confirmation),
                 Ok(Err(_)) | Err(_) => break,
@@ -641,7 +629,7 @@ impl Relay {
     ) -> ChannelEnd {
         let mut refusal = soft_error(&first);
         let mut unconfirmed = Vec::new();
-        while let Some(mut f) = self.take_oldest() {
+        while let Some(mut f) = self.in_flight.pop_front() {
             match tokio::time::timeout(Duration::from_secs(1), &mut f.confirm).await {
                 Ok(Ok(confirmation)) => self.settle(f, confirmation),
                 Ok(Err(err)) => {
@@ -718,6 +706,15 @@ fn spawn_reader(spool: Spool, mark: Option<(String, u64)>, stats: Arc<Stats>) ->
         })
         .expect("spawning the spool reader thread");
     Reader { items, stop }
+}
+
+impl Carries for Flight {
+    fn outgoing(&self) -> &Outgoing {
+        &self.out
+    }
+    fn outgoing_mut(&mut self) -> &mut Outgoing {
+        &mut self.out
+    }
 }
 
 impl Carries for (Arc<Batch>, Box<Outgoing>) {

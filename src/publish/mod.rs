@@ -98,8 +98,8 @@ use input::{Item, Read, Source};
 pub use input::{parse_header, parse_line, parse_severity};
 use pipeline::InFlight;
 pub(crate) use pipeline::{
-    Carries, Outgoing, Recent, close, connection_lost, loss_text, open_channel, return_reason,
-    soft_error, window_has_room,
+    Carries, InFlightQueue, Outgoing, Recent, close, connection_lost, loss_text, open_channel,
+    return_reason, soft_error,
 };
 use progress::Progress;
 use report::plural;
@@ -160,9 +160,7 @@ struct Publisher {
     /// sent on a connection that was lost before they were confirmed.
     retry: VecDeque<Outgoing>,
     /// Sent, waiting for the broker's confirm, oldest first.
-    in_flight: VecDeque<InFlight>,
-    /// The sizes of their bodies, added up (at most [`WINDOW_BYTES`] but for a lone message).
-    in_flight_bytes: usize,
+    in_flight: InFlightQueue<InFlight>,
     /// The last confirmed messages, for returns that come after their confirm.
     recent: Recent<Outgoing>,
     /// Returns not matched to their message yet: message id → why.
@@ -207,8 +205,7 @@ impl Publisher {
             bytes: 0,
             read: 0,
             retry: VecDeque::new(),
-            in_flight: VecDeque::new(),
-            in_flight_bytes: 0,
+            in_flight: InFlightQueue::new(),
             recent: Recent::new(),
             returned: HashMap::new(),
             failed: Vec::new(),

@@ -85,6 +85,56 @@ pub(crate) fn window_has_room(count: usize, bytes: usize, size: usize) -> bool {
     count == 0 || (count < WINDOW && bytes + size <= WINDOW_BYTES)
 }
 
+/// The messages sent and waiting for their confirm, oldest first, with the sizes of their
+/// bodies added up: the window that [`window_has_room`] bounds.
+pub(crate) struct InFlightQueue<T> {
+    items: VecDeque<T>,
+    bytes: usize,
+}
+
+impl<T: Carries> InFlightQueue<T> {
+    pub(crate) fn new() -> InFlightQueue<T> {
+        InFlightQueue {
+            items: VecDeque::new(),
+            bytes: 0,
+        }
+    }
+
+    /// Whether a message of `size` bytes may be sent now.
+    pub(crate) fn has_room_for(&self, size: usize) -> bool {
+        window_has_room(self.items.len(), self.bytes, size)
+    }
+
+    pub(crate) fn push(&mut self, item: T) {
+        self.bytes += item.outgoing().size;
+        self.items.push_back(item);
+    }
+
+    /// The oldest, out of the window.
+    pub(crate) fn pop_front(&mut self) -> Option<T> {
+        let item = self.items.pop_front()?;
+        self.bytes -= item.outgoing().size;
+        Some(item)
+    }
+
+    pub(crate) fn front(&self) -> Option<&T> {
+        self.items.front()
+    }
+
+    pub(crate) fn front_mut(&mut self) -> Option<&mut T> {
+        self.items.front_mut()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.items.is_empty()
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.items.clear();
+        self.bytes = 0;
+    }
+}
+
 /// What carries a message being published: `fm publish`'s entries and `fm relay`'s (which add
 /// the batch the message came from).
 pub(crate) trait Carries {
@@ -156,6 +206,15 @@ pub(super) struct InFlight {
     pub(super) out: Outgoing,
     pub(super) confirm: PublisherConfirm,
     pub(super) deadline: Instant,
+}
+
+impl Carries for InFlight {
+    fn outgoing(&self) -> &Outgoing {
+        &self.out
+    }
+    fn outgoing_mut(&mut self) -> &mut Outgoing {
+        &mut self.out
+    }
 }
 
 impl Publisher {
@@ -264,7 +323,7 @@ impl Publisher {
         };
         loop {
             let next = self.retry.front().map_or(0, |o| o.size);
-            let room = self.has_room_for(next) && self.stop.is_none();
+            let room = self.in_flight.has_room_for(next) && self.stop.is_none();
             if room && let Some(out) = self.retry.pop_front() {
                 let sent = out.publish(channel, &self.exchange, options).await;
                 match sent {
@@ -276,8 +335,7 @@ impl Publisher {
                             "sent {}",
                             out.describe()
                         );
-                        self.in_flight_bytes += out.size;
-                        self.in_flight.push_back(InFlight {
+                        self.in_flight.push(InFlight {
                             out,
                             confirm,
                             deadline: limits::deadline_in(self.timeout),
@@ -313,7 +371,7 @@ impl Publisher {
             if let Event::Confirm(result) = event {
                 match result {
                     Ok(Ok(confirmation)) => {
-                        let front = self.take_oldest().expect("it was just polled");
+                        let front = self.in_flight.pop_front().expect("it was just polled");
                         self.settle(front.out, confirmation);
                     }
                     Ok(Err(err)) => return self.abort(connected, channel, err).await,
@@ -421,19 +479,6 @@ impl Publisher {
         }
     }
 
-    /// Whether a message of `size` bytes may be sent now: the window ([`WINDOW`] messages,
-    /// [`WINDOW_BYTES`]) has room for it, or nothing is in flight.
-    fn has_room_for(&self, size: usize) -> bool {
-        window_has_room(self.in_flight.len(), self.in_flight_bytes, size)
-    }
-
-    /// The oldest message in flight, out of the window.
-    pub(super) fn take_oldest(&mut self) -> Option<InFlight> {
-        let f = self.in_flight.pop_front()?;
-        self.in_flight_bytes -= f.out.size;
-        Some(f)
-    }
-
     /// A message came back (`basic.return`): find it by id among the confirmed messages,
     /// or remember it for when its confirm comes.
     pub(super) fn on_return(&mut self, r: BasicReturnMessage) {
@@ -470,7 +515,7 @@ impl Publisher {
         // Every pending confirm fails with the channel; those confirmed before settle.
         let mut refusal = soft_error(&first);
         let mut pending = Vec::new();
-        while let Some(mut f) = self.take_oldest() {
+        while let Some(mut f) = self.in_flight.pop_front() {
             match tokio::time::timeout_at(f.deadline, &mut f.confirm).await {
                 Ok(Ok(confirmation)) => self.settle(f.out, confirmation),
                 Ok(Err(err)) => {
@@ -513,7 +558,7 @@ impl Publisher {
 
     /// Everything in flight is given up as unconfirmed.
     pub(super) fn give_up_in_flight(&mut self, why: &str) {
-        while let Some(f) = self.take_oldest() {
+        while let Some(f) = self.in_flight.pop_front() {
             self.failed
                 .push((f.out, Failure::Unconfirmed, why.to_owned()));
         }
